@@ -1,0 +1,73 @@
+"""Environment settings and the project-local state folder.
+
+Everything tasc writes by default lives under one state folder (``TASC_HOME``, default
+``<repo>/.tasc``): the model cache, corpora, n-gram tables, drafts, the MLflow SQLite
+database and artifact folder, and ``PREFECT_HOME`` for the ephemeral Prefect API.
+``configure()`` is idempotent and never overrides a variable the user already set, so a
+tracking server (``MLFLOW_TRACKING_URI``) or a Prefect server (``PREFECT_API_URL``)
+take over where they are configured.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def state_dir() -> Path:
+    p = Path(os.environ.get("TASC_HOME") or (REPO_ROOT / ".tasc")).resolve()
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def model_cache_dir() -> Path:
+    return state_dir() / "models"
+
+
+def corpora_dir() -> Path:
+    return state_dir() / "corpora"
+
+
+def ngrams_dir() -> Path:
+    return state_dir() / "ngrams"
+
+
+def drafts_dir() -> Path:
+    return state_dir() / "drafts"
+
+
+def harvest_dir() -> Path:
+    return state_dir() / "harvest"
+
+
+def reports_dir() -> Path:
+    return state_dir() / "reports"
+
+
+def mlflow_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
+
+
+def mlflow_artifact_root() -> str:
+    return os.environ.get("TASC_MLFLOW_ARTIFACTS") or (state_dir() / "mlartifacts").as_uri()
+
+
+def configure() -> Path:
+    """Set telemetry off and the default homes; returns the state folder."""
+    for k, v in TELEMETRY_OFF.items():
+        os.environ.setdefault(k, v)
+    home = state_dir()
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", mlflow_tracking_uri())
+    os.environ.setdefault("TASC_MODEL_CACHE", str(model_cache_dir()))
+    return home

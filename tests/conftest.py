@@ -1,0 +1,54 @@
+"""Shared fixtures: an isolated state folder, a tiny real model, MLflow on a temp SQLite
+file and a session-scoped Prefect test harness."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+_SESSION_HOME = None
+
+
+def pytest_configure(config):
+    # One state folder per test session, set before anything reads it.
+    import tempfile
+
+    global _SESSION_HOME
+    _SESSION_HOME = Path(tempfile.mkdtemp(prefix="tasc-test-"))
+    os.environ["TASC_HOME"] = str(_SESSION_HOME)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_HOME / 'mlflow.db'}"
+    os.environ["TASC_MLFLOW_ARTIFACTS"] = (_SESSION_HOME / "mlartifacts").as_uri()
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PREFECT_HOME", str(_SESSION_HOME / "prefect"))
+
+
+@pytest.fixture(scope="session")
+def state_home() -> Path:
+    return _SESSION_HOME
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from tests.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
