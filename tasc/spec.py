@@ -59,6 +59,7 @@ class Source:
     completion_field: str = "completion"
     messages_field: str = "messages"  # shape messages
     id_field: str | None = None  # default: a stable hash of the prompt and completion
+    normalize_newlines: bool = False  # turn \r\n and \r into \n in prompts, completions, extras
 
 
 @dataclass(frozen=True)
