@@ -1,0 +1,216 @@
+"""The TASC-spec draft: an n-gram model of the task's outputs, stored as text.
+
+Two forms:
+
+* ``DraftCorpus`` is what is stored: the output texts themselves (train completions,
+  on-policy generations, or both), with a schema version and the hash of the corpus it
+  came from. Text is vocabulary-agnostic: one stored draft serves the base tokenizer, an
+  expanded one, or another model family.
+* ``BoundDraft`` is that text bound to one tokenizer: every text is tokenised whole (so
+  boundaries, leading spaces and byte-level pieces come out exactly as the model emits
+  them), followed by the EOS id, and indexed for lookup.
+
+Index contract (``BoundDraft``):
+
+* ``tokens`` int32 (T,): all texts' ids, each text followed by EOS then ``SEP`` (-1).
+* for each context length n in ``levels``: ``keys[n]`` uint32 (K_n,) sorted, and
+  ``order[n]`` int32 (K_n,): the end positions i of every n-gram ``tokens[i-n+1 .. i]``
+  that lies inside one text, sorted by (hash, position). A hash hit is verified against the
+  real tokens, so collisions cost time, never correctness.
+* memory: 4 + 8 * len(levels) bytes per corpus token (28 with the default levels 1, 2, 4).
+
+A proposal is a pair ``(tokens int64 (k,), probs float64 (k,))``: the draft tokens and the
+conditional probability estimated for each; an empty pair means "no draft".
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DRAFT_SCHEMA_VERSION = "1"
+SEP = -1
+DEFAULT_LEVELS = (1, 2, 4)
+_MULT = np.uint64(0x9E3779B97F4A7C15)
+_MIX = np.uint64(0xBF58476D1CE4E5B9)
+
+
+class DraftError(ValueError):
+    """A draft that cannot be used with the corpus or code at hand."""
+
+
+@dataclass(frozen=True)
+class DraftCorpus:
+    """The stored, vocabulary-agnostic draft: output texts plus provenance."""
+
+    texts: tuple[str, ...]
+    source: str  # "references" | "on-policy" | "both"
+    corpus_hash: str  # the corpus version the texts came from
+    schema_version: str = DRAFT_SCHEMA_VERSION
+    meta: dict = field(default_factory=dict)
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for t in self.texts:
+            h.update(t.encode("utf-8", "surrogatepass"))
+            h.update(b"\0")
+        return h.hexdigest()[:16]
+
+
+def build_draft_corpus(
+    references: Sequence[str] = (), on_policy: Sequence[str] = (), corpus_hash: str = "", meta: dict | None = None
+) -> DraftCorpus:
+    """Combine reference completions and on-policy generations into a stored draft.
+
+    Repeats are kept on purpose: how often an output recurs is what the counts measure."""
+    refs = [t for t in references if t]
+    gens = [t for t in on_policy if t]
+    source = "both" if refs and gens else ("on-policy" if gens else "references")
+    return DraftCorpus(texts=tuple(refs + gens), source=source, corpus_hash=corpus_hash, meta=dict(meta or {}))
+
+
+def check_compatible(draft: DraftCorpus, corpus_hash: str | None) -> None:
+    """Fail clearly on a draft of another schema version or built for another corpus."""
+    if draft.schema_version != DRAFT_SCHEMA_VERSION:
+        raise DraftError(
+            f"draft schema version {draft.schema_version!r} is not supported (this tasc reads "
+            f"{DRAFT_SCHEMA_VERSION!r}); rebuild it with `tasc draft SPEC`"
+        )
+    if corpus_hash and draft.corpus_hash and draft.corpus_hash != corpus_hash:
+        raise DraftError(
+            f"draft was built for corpus {draft.corpus_hash}, not {corpus_hash}; rebuild it with `tasc draft SPEC`"
+        )
+
+
+def hash_windows(tokens: np.ndarray, n: int) -> np.ndarray:
+    """uint32 (T-n+1,) hashes of every n-token window of ``tokens`` (int32/int64 (T,)).
+
+    Position j hashes ``tokens[j .. j+n-1]``. The same function hashes a query pattern, so
+    index and lookup always agree."""
+    t = tokens.astype(np.int64).astype(np.uint64)
+    m = len(t) - n + 1
+    if m <= 0:
+        return np.empty(0, dtype=np.uint32)
+    h = np.zeros(m, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n):
+            h = (h ^ t[j : j + m]) * _MULT
+        h ^= h >> np.uint64(31)
+        h *= _MIX
+    return (h >> np.uint64(32)).astype(np.uint32)
+
+
+def walk_continuations(cont: np.ndarray, max_len: int, prior: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy walk down the trie of continuation rows.
+
+    cont: int64 (R, L) candidate continuations, ``SEP`` past a text's end. At each column the
+    most frequent token among the rows still agreeing is drafted, with probability
+    count / (rows + prior) (the prior shrinks estimates built on few rows). Returns
+    (tokens int64 (k,), probs float64 (k,)), k <= max_len."""
+    alive = np.ones(len(cont), dtype=bool)
+    toks: list[int] = []
+    probs: list[float] = []
+    for j in range(min(max_len, cont.shape[1])):
+        col = cont[alive, j]
+        if col.size == 0:
+            break
+        vals, counts = np.unique(col, return_counts=True)
+        best = int(np.argmax(counts))
+        if vals[best] == SEP:
+            break
+        toks.append(int(vals[best]))
+        probs.append(float(counts[best]) / (col.size + prior))
+        alive &= cont[:, j] == vals[best]
+    return np.asarray(toks, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+
+
+class BoundDraft:
+    """A DraftCorpus bound to one tokenizer, with an n-gram index over its tokens."""
+
+    def __init__(self, tokens: np.ndarray, levels: Sequence[int] = DEFAULT_LEVELS, max_rows: int = 64):
+        self.tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        self.levels = tuple(sorted(set(levels), reverse=True))
+        self.max_rows = max_rows
+        self.keys: dict[int, np.ndarray] = {}
+        self.order: dict[int, np.ndarray] = {}
+        # Padding with SEP lets continuation gathers run past the end without bounds checks.
+        self._padded = np.concatenate([self.tokens, np.full(64, SEP, dtype=np.int32)])
+        for n in self.levels:
+            self._index_level(n)
+
+    @classmethod
+    def from_corpus(cls, draft: DraftCorpus, tokenizer, **kw) -> BoundDraft:
+        """Tokenise every text whole with ``tokenizer`` and index it."""
+        eos = tokenizer.eos_token_id
+        tail = [eos, SEP] if eos is not None else [SEP]
+        if not draft.texts:
+            return cls(np.empty(0, dtype=np.int32), **kw)
+        enc = tokenizer(list(draft.texts), add_special_tokens=False)["input_ids"]
+        lengths = np.fromiter((len(e) + len(tail) for e in enc), dtype=np.int64, count=len(enc))
+        flat = np.fromiter((i for e in enc for i in (*e, *tail)), dtype=np.int32, count=int(lengths.sum()))
+        return cls(flat, **kw)
+
+    def _index_level(self, n: int) -> None:
+        h = hash_windows(self.tokens, n)  # h[j] hashes tokens[j .. j+n-1]
+        ends = np.arange(n - 1, len(self.tokens), dtype=np.int32)
+        # A window is valid when it holds no SEP and does not end on EOS-before-SEP's SEP.
+        sep = (self.tokens == SEP).astype(np.int32)
+        csum = np.concatenate([[0], np.cumsum(sep)])
+        valid = (csum[ends + 1] - csum[ends + 1 - n]) == 0
+        h, ends = h[valid], ends[valid]
+        idx = np.lexsort((ends, h))
+        self.keys[n] = h[idx]
+        self.order[n] = ends[idx]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(len(self.tokens))
+
+    def nbytes(self) -> int:
+        return self.tokens.nbytes + sum(k.nbytes + o.nbytes for k, o in zip(self.keys.values(), self.order.values()))
+
+    def continuations(self, context: np.ndarray, max_len: int) -> tuple[np.ndarray, int]:
+        """Rows of corpus text that follow the longest indexed suffix of ``context``.
+
+        context: int64 (L,). Returns (cont int64 (R, max_len), n matched) or an empty
+        (0, max_len) array with n = 0."""
+        for n in self.levels:
+            if len(context) < n or not len(self.keys[n]):
+                continue
+            pattern = context[-n:]
+            key = hash_windows(pattern, n)[0]
+            lo = np.searchsorted(self.keys[n], key, side="left")
+            hi = np.searchsorted(self.keys[n], key, side="right")
+            if hi <= lo:
+                continue
+            if hi - lo > self.max_rows:  # keep a spread of occurrences, not just the first ones
+                pick = np.linspace(lo, hi - 1, self.max_rows).astype(np.int64)
+                ends = self.order[n][pick]
+            else:
+                ends = self.order[n][lo:hi]
+            grams = self.tokens[ends[:, None] + np.arange(1 - n, 1)]
+            ends = ends[(grams == pattern).all(axis=1)]
+            if len(ends):
+                return self._padded[ends[:, None] + np.arange(1, max_len + 1)].astype(np.int64), n
+        return np.empty((0, max_len), dtype=np.int64), 0
+
+
+def context_continuations(context: np.ndarray, max_len: int, levels: Sequence[int] = (4, 3, 2)) -> tuple[np.ndarray, int]:
+    """Prompt-lookup rows: what followed earlier occurrences of the context's own suffix.
+
+    context: int64 (L,). Returns (cont int64 (R, max_len), n matched), the most recent
+    occurrences first (at most 16 rows)."""
+    L = len(context)
+    padded = np.concatenate([context, np.full(max_len, SEP, dtype=np.int64)])
+    for n in levels:
+        if L <= n:
+            continue
+        win = np.lib.stride_tricks.sliding_window_view(context[: L - 1], n)  # excludes the suffix itself
+        hits = np.flatnonzero((win == context[-n:]).all(axis=1))
+        if len(hits):
+            starts = hits[::-1][:16] + n
+            return padded[starts[:, None] + np.arange(max_len)], n
+    return np.empty((0, max_len), dtype=np.int64), 0

@@ -1,0 +1,106 @@
+"""Draft proposals for speculative decoding: task n-grams mixed with context n-grams,
+gated by confidence and by what a verify step costs.
+
+``Proposer.propose(context)`` returns ``(tokens int64 (k,), probs float64 (k,))``; an empty
+pair means "no draft: take a plain one-token step". Three gates decide k:
+
+1. confidence: drafting stops once the estimated probability that the whole chunk is
+   accepted falls below ``min_prob`` (as SuffixDecoding does), and at ``max_len``;
+2. cost: with ``cost[k]`` = time of a k-token forward / time of a one-token forward, k is
+   chosen to maximise expected tokens per unit of time, (1 + sum_i prod_{j<=i} p_j) /
+   cost[k + 1]; no draft is proposed unless that beats a plain step. On CPUs a multi-token
+   verify costs noticeably more than one token, so a weak draft would be a net loss;
+3. calibration: the realised acceptance feeds back into a running factor on the estimates,
+   so an over-confident draft source is trusted less as decoding goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tasc.draft import BoundDraft, context_continuations, walk_continuations
+
+_EMPTY = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
+
+
+@dataclass
+class ProposerConfig:
+    max_len: int = 16  # longest draft
+    min_prob: float = 0.15  # stop when P(all accepted so far) drops below this
+    use_context: bool = True  # mix in n-grams of the prompt and the text generated so far
+    use_corpus: bool = True
+    context_prior: float = 0.5  # shrinkage for context-match estimates (few rows)
+    corpus_prior: float = 1.0
+
+
+def expected_tokens(probs: np.ndarray) -> np.ndarray:
+    """float64 (k+1,): expected tokens produced by verifying the first i draft tokens, i = 0..k
+    (the model's own next token is always gained, hence the leading 1)."""
+    return 1.0 + np.concatenate([[0.0], np.cumsum(np.cumprod(probs))])
+
+
+def best_length(probs: np.ndarray, cost: np.ndarray) -> int:
+    """The draft length maximising expected tokens per unit of verify cost.
+
+    probs float64 (k,); cost float64 (K+1,) with cost[m] the relative cost of an m-token
+    forward (cost[1] == 1). Returns 0 when no draft beats a plain step."""
+    k = min(len(probs), len(cost) - 2)
+    if k <= 0:
+        return 0
+    gain = expected_tokens(probs[:k]) / cost[1 : k + 2]
+    return int(np.argmax(gain))  # index 0 is the plain step (gain 1 / cost[1] == 1)
+
+
+class Proposer:
+    """Thin stateful wrapper over the draft kernels: one per generation request."""
+
+    def __init__(self, draft: BoundDraft | None, config: ProposerConfig | None = None, cost: Sequence[float] | None = None):
+        self.draft = draft
+        self.config = config or ProposerConfig()
+        n = self.config.max_len + 2
+        self.cost = np.asarray(cost if cost is not None else np.ones(n), dtype=np.float64)
+        if len(self.cost) < n:  # extrapolate linearly past the calibrated lengths
+            last, slope = self.cost[-1], max(self.cost[-1] - self.cost[-2], 0.0) if len(self.cost) > 2 else 0.0
+            extra = last + slope * np.arange(1, n - len(self.cost) + 1)
+            self.cost = np.concatenate([self.cost, extra])
+        self.trust = 1.0  # running calibration factor on probability estimates
+        self.proposed = 0
+        self.accepted = 0
+
+    def propose(self, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """context: int64 (L,) the prompt and the tokens generated so far."""
+        cfg = self.config
+        best = _EMPTY
+        best_value = 0.0
+        sources = []
+        if cfg.use_corpus and self.draft is not None and self.draft.num_tokens:
+            sources.append((self.draft.continuations(context, cfg.max_len), cfg.corpus_prior))
+        if cfg.use_context:
+            sources.append((context_continuations(context, cfg.max_len), cfg.context_prior))
+        for (rows, n), prior in sources:
+            if not len(rows):
+                continue
+            toks, probs = walk_continuations(rows, cfg.max_len, prior=prior)
+            probs = np.minimum(probs * self.trust, 0.99)
+            value = expected_tokens(probs)[-1]
+            if value > best_value:
+                best, best_value = (toks, probs), value
+        toks, probs = best
+        if not len(toks):
+            return _EMPTY
+        keep = int(np.searchsorted(-np.cumprod(probs), -cfg.min_prob, side="right"))
+        k = best_length(probs[:keep], self.cost)
+        return toks[:k], probs[:k]
+
+    def update(self, probs: np.ndarray, n_accepted: int) -> None:
+        """Feed back one verify step: the estimates that were used and how many were accepted."""
+        if not len(probs):
+            return
+        expected = expected_tokens(probs)[-1] - 1.0
+        self.proposed += len(probs)
+        self.accepted += n_accepted
+        ratio = (n_accepted + 0.5) / (expected + 0.5)
+        self.trust = float(np.clip(0.8 * self.trust + 0.2 * self.trust * ratio, 0.3, 1.5))
