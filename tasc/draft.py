@@ -170,7 +170,7 @@ class BoundDraft:
         return int(len(self.tokens))
 
     def nbytes(self) -> int:
-        return self.tokens.nbytes + sum(k.nbytes + o.nbytes for k, o in zip(self.keys.values(), self.order.values()))
+        return self.tokens.nbytes + sum(k.nbytes + o.nbytes for k, o in zip(self.keys.values(), self.order.values(), strict=False))
 
     def continuations(self, context: np.ndarray, max_len: int) -> tuple[np.ndarray, int]:
         """Rows of corpus text that follow the longest indexed suffix of ``context``.

@@ -80,7 +80,7 @@ class Proposer:
             sources.append((self.draft.continuations(context, cfg.max_len), cfg.corpus_prior))
         if cfg.use_context:
             sources.append((context_continuations(context, cfg.max_len), cfg.context_prior))
-        for (rows, n), prior in sources:
+        for (rows, _n), prior in sources:
             if not len(rows):
                 continue
             toks, probs = walk_continuations(rows, cfg.max_len, prior=prior)

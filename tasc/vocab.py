@@ -203,7 +203,7 @@ def _leave_one_out(counter: _Counter, sample: list[str], docs: list[np.ndarray])
     """int64 (k,): tokens each of the counter's tokens saves on the sample given the others."""
     tokens = list(counter.tokens)
     gains = np.zeros(len(tokens), np.int64)
-    for j, t in enumerate(tokens):
+    for j in range(len(tokens)):
         texts = [sample[d] for d in docs[j]]
         counter.reset(tokens)
         with_all = counter.lengths(texts)[0].sum()

@@ -1,0 +1,162 @@
+"""The ``tasc`` command line.
+
+The CLI is the one entry point that reaches outward: each command sets up the
+project-local state (storage.settings) and runs the matching Prefect flow, so a command
+line run is tracked in MLflow exactly like a scheduled one. Imports happen inside the
+commands to keep ``tasc --help`` fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="tasc: make a small language model faster on one narrow task.")
+
+MODEL = typer.Option("smollm2-135m-instruct", "--model", "-m", help="short name, local folder or Hugging Face id")
+DTYPE = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 (auto: bf16 on CUDA or native-bf16 CPUs)")
+
+
+def _setup() -> None:
+    from storage.settings import configure
+
+    configure()
+
+
+def _echo_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@app.command()
+def ingest(spec: str = typer.Argument(..., help="spec name or YAML path"),
+           policy: str | None = typer.Option(None, help="fail | skip (default: the spec's on_bad_rows)")):
+    """Read the spec's sources into a versioned Parquet corpus (a no-op when nothing changed)."""
+    _setup()
+    from flows.stages import ingest_flow
+
+    corpus = ingest_flow(spec, policy)
+    m = corpus["manifest"]
+    typer.echo(f"corpus: {corpus['path']}\nrows: {m['rows']}  rejected: {m['rejected']}  "
+               f"duplicates removed: {m.get('duplicates_removed', 0)}"
+               + ("  (unchanged, reused)" if corpus.get("reused") else ""))
+    if m["rejected"]:
+        typer.echo(f"rejected rows with reasons: {Path(corpus['path']) / 'rejected.parquet'}")
+
+
+@app.command()
+def ngrams(spec: str, model: str = MODEL, max_n: int = typer.Option(8, help="longest n-gram"),
+           min_count: int = typer.Option(2, help="drop rarer n-grams")):
+    """Count completion n-grams (text level and token level) into Parquet tables."""
+    _setup()
+    from flows.stages import ngrams_flow
+
+    _echo_json(ngrams_flow(spec, model, max_n, min_count))
+
+
+@app.command()
+def harvest(spec: str, model: str = MODEL, limit: int | None = typer.Option(400, help="train prompts to run"),
+            dtype: str = DTYPE):
+    """Write the on-policy corpus: the model's own outputs for the train prompts."""
+    _setup()
+    from flows.stages import ingest_flow
+    from tasks.draft import harvest_outputs
+
+    corpus = ingest_flow(spec)
+    typer.echo(harvest_outputs(spec, corpus, model, limit, dtype))
+
+
+@app.command()
+def draft(spec: str, model: str = MODEL,
+          source: str = typer.Option("auto", help="references | on-policy | both | auto"),
+          harvest_limit: int | None = typer.Option(400, help="train prompts to harvest when on-policy is needed")):
+    """Build the text draft for TASC-spec."""
+    _setup()
+    from flows.stages import draft_flow
+
+    if source == "references":
+        harvest_limit = 0
+    _echo_json(draft_flow(spec, model, source, harvest_limit))
+
+
+@app.command()
+def bench(spec: str, model: str = MODEL,
+          methods: str = typer.Option("greedy,pld,tasc-spec", help="comma-separated: greedy, pld, tasc-spec, "
+                                      "tasc-spec-ref, context-only"),
+          limit: int | None = typer.Option(20, help="test prompts"), dtype: str = DTYPE,
+          report: str | None = typer.Option(None, help="also write the JSON report here"),
+          harvest_limit: int | None = typer.Option(400, help="train prompts for the on-policy draft")):
+    """Benchmark methods side by side (interleaved, one process) and print the table."""
+    _setup()
+    from flows.stages import bench_flow
+
+    summary = bench_flow(spec, model, methods, limit, dtype, report, harvest_limit=harvest_limit)
+    typer.echo(Path(summary["paths"]["markdown"]).read_text())
+    typer.echo(f"report: {summary['paths']['json']}\nchart: {summary['paths']['chart']}")
+
+
+@app.command()
+def generate(spec: str = typer.Argument(..., help="spec name/path, or a draft .parquet file"),
+             prompt: str = typer.Argument(...), model: str = MODEL, dtype: str = DTYPE,
+             method: str = typer.Option("tasc-spec", help="greedy | tasc-spec"),
+             max_new_tokens: int = typer.Option(128)):
+    """Generate for one prompt, for a quick look (prints the text and decoding stats)."""
+    _setup()
+    from storage.drafts import read_draft
+    from tasc.draft import BoundDraft
+    from tasc.engine import DecodeConfig
+    from tasc.engine import generate as run
+    from tasc.models import load_model
+    from tasc.spec import load_spec
+
+    lm = load_model(model, dtype=dtype)
+    system, chat, stop, bound = None, True, (), None
+    if spec.endswith(".parquet"):
+        bound = BoundDraft.from_corpus(read_draft(spec), lm.tokenizer)
+    else:
+        from storage import corpus as store
+        from storage.drafts import draft_path
+
+        s = load_spec(spec)
+        system, chat, stop = s.system_prompt, s.chat_template, s.generation.stop
+        version = store.latest_corpus(s.name).name
+        for src in ("on-policy", "references"):
+            p = draft_path(s.name, version, src, model if src != "references" else None)
+            if p.exists():
+                bound = BoundDraft.from_corpus(read_draft(p), lm.tokenizer)
+                break
+    out = run(lm.model, lm.tokenizer, [prompt], bound, method, DecodeConfig(max_new_tokens, stop), system, chat)[0]
+    typer.echo(out.text)
+    typer.echo(json.dumps(out.stats.to_dict()), err=True)
+
+
+@app.command()
+def pipeline(spec: str = typer.Argument("snips"), model: str = MODEL,
+             limit: int = typer.Option(12, help="test prompts to benchmark"),
+             harvest_limit: int = typer.Option(96, help="train prompts for the on-policy draft"),
+             methods: str = typer.Option("greedy,pld,tasc-spec,tasc-spec-ref"), dtype: str = DTYPE):
+    """Run the end-to-end pipeline (ingest -> n-grams -> draft -> benchmark) on the local defaults."""
+    home = _setup_home()
+    from flows.pipeline import PipelineParams
+    from flows.pipeline import pipeline as run
+    from storage.tracking import run_url
+
+    out = run(PipelineParams(spec=spec, model=model, limit=limit, harvest_limit=harvest_limit,
+                             methods=methods, dtype=dtype))
+    b = out["bench"]
+    typer.echo("\n" + Path(b["paths"]["markdown"]).read_text())
+    typer.echo(f"state folder: {home}\ncorpus: {out['corpus']['path']}\nn-gram tables: {out['ngrams']['text']}, "
+               f"{out['ngrams']['token']}\ndraft: {out['drafts']['main']}\nreport: {b['paths']['json']}\n"
+               f"chart: {b['paths']['chart']}\nMLflow: {run_url(out['mlflow_run_id'])}")
+
+
+def _setup_home() -> Path:
+    from storage.settings import configure
+
+    return configure()
+
+
+if __name__ == "__main__":
+    app()

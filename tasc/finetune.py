@@ -1,0 +1,306 @@
+"""Fine-tuning a causal LM on prompt/completion rows, the loss on completion tokens only.
+
+A row's prompt is rendered with the tokenizer's chat template and a generation prompt (or
+used as plain text), the completion and EOS follow, and labels are -100 over the prompt.
+AdamW with linear warm-up then linear decay to zero, gradient accumulation and clipping;
+bf16 autocast on CUDA, fp32 on CPU. Batches come from a seeded permutation per epoch indexed
+by the step, so a resumed run sees the same batches as an uninterrupted one.
+
+Checkpoints (``out_dir/checkpoints/step-NNNNNN``) hold the model, tokenizer, optimizer,
+scheduler, RNG state, step, history and a hash of the config and data; they are written to a
+temporary folder and renamed, so a killed run leaves only complete ones. Calling
+:func:`finetune` again with the same ``out_dir`` resumes from the newest one; a changed
+config or data set fails with :class:`ResumeError`. ``max_steps``, ``eval_every``,
+``save_every``, ``keep_checkpoints``, ``max_eval_rows`` and ``device`` may change on resume,
+so a run can be extended. A NaN/inf loss or gradient stops training with
+:class:`DivergedError`, naming the last good checkpoint, which is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasc.finetune_io import (
+    RESUMABLE,
+    Example,
+    collate,
+    data_hash,
+    encode_rows,
+    finite_params,
+    latest_checkpoint,
+    micro_batch,
+    prune_checkpoints,
+    resume,
+    save_checkpoint,
+)
+from tasc.finetune_io import ResumeError as ResumeError
+from tasc.models import pick_device
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class DivergedError(RuntimeError):
+    """The loss or gradient became NaN/inf; ``checkpoint`` is the last good one (or None)."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    max_steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    max_seq_len: int = 256
+    eval_every: int = 50
+    max_eval_rows: int = 128
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+
+    def hash(self) -> str:
+        """Hash of every field that changes the trained weights (not those in RESUMABLE)."""
+        d = {k: v for k, v in asdict(self).items() if k not in RESUMABLE}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cpu_config(**overrides) -> FinetuneConfig:
+    """Sized for one round in about 20 minutes on 2 CPU cores with a 135M model: LoRA on the
+    attention and MLP projections plus the new embedding rows, short sequences."""
+    base = FinetuneConfig(lr=1e-3, warmup_steps=5, max_steps=60, batch_size=4, grad_accum=1,
+                          max_seq_len=192, eval_every=30, max_eval_rows=32, save_every=20,
+                          device="cpu", lora=True)
+    return replace(base, **overrides)
+
+
+def gpu_config(**overrides) -> FinetuneConfig:
+    """One GPU: full fine-tuning (bf16 autocast), larger batches and more steps."""
+    base = FinetuneConfig(lr=1e-4, warmup_steps=30, max_steps=600, batch_size=16, grad_accum=1,
+                          max_seq_len=512, eval_every=100, max_eval_rows=256, save_every=100,
+                          device="cuda", lora=False)
+    return replace(base, **overrides)
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    train_loss: float | None  # mean over the last logged steps of this run (or of the history)
+    val_loss: float | None
+    checkpoint_dir: Path  # the final model folder (model + tokenizer), loadable with load_model
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int = 0  # step of the checkpoint this run started from
+    tokens_per_s: float | None = None
+
+
+def count_output_tokens(tokenizer, completions) -> np.ndarray:
+    """int64 (N,): tokens of each completion, no special tokens (the before/after measure)."""
+    completions = list(completions)
+    if not completions:
+        return np.zeros(0, np.int64)
+    ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    return np.fromiter(map(len, ids), np.int64, count=len(ids))
+
+
+def plateau(history: list[dict[str, float]], min_token_gain: float = 0.02, max_metric_drop: float = 0.01) -> bool:
+    """True when another round is not worth it. ``history``: one dict per round, round 0 the
+    base model, with ``tokens`` (total output tokens) and ``metric`` (task score, higher is
+    better). Stops when the last round cut tokens by less than ``min_token_gain`` (a fraction
+    of the previous round's) or lost more than ``max_metric_drop`` of metric."""
+    if len(history) < 2:
+        return False
+    prev, last = history[-2], history[-1]
+    gain = (prev["tokens"] - last["tokens"]) / prev["tokens"] if prev["tokens"] else 0.0
+    return gain < min_token_gain or (prev["metric"] - last["metric"]) > max_metric_drop
+
+
+def completion_loss(model, batch, autocast):
+    """(sum of token losses, number of completion tokens) for one (B, T) batch. Logits are
+    computed only from the first completion position on, which skips most of the (V, H)
+    head on long prompts."""
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    has = (labels != -100).any(0).nonzero()
+    start = max(1, int(has[0])) if has.numel() else labels.shape[1] - 1
+    keep = labels.shape[1] - start + 1
+    with autocast:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    logits = out.logits[:, :-1].float()
+    target = labels[:, labels.shape[1] - keep + 1 :]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return loss, int((target != -100).sum())
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _lr_lambda(config: FinetuneConfig):
+    warm, total = config.warmup_steps, config.max_steps
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    return factor
+
+
+def _wrap_lora(model, config: FinetuneConfig, token_ids: list[int]):
+    """LoRA on the projections named in ``lora_targets``; the rows ``token_ids`` of the
+    input embedding (and the tied head) are trained in full through peft's trainable tokens."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules()}
+    emb = next(n for n, m in names.items() if m is model.get_input_embeddings())
+    lc = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                    target_modules=[t for t in config.lora_targets if t in names], task_type="CAUSAL_LM",
+                    trainable_token_indices={emb: list(token_ids)} if token_ids else None)
+    return get_peft_model(model, lc)
+
+
+def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device: str, autocast) -> float | None:
+    """Mean loss per completion token over ``examples`` (None without any)."""
+    import torch
+
+    if not examples:
+        return None
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+            loss, k = completion_loss(model, batch, autocast)
+            total, n = total + float(loss), n + k
+    model.train()
+    return total / max(n, 1)
+
+
+def _train_step(model, examples, step: int, config: FinetuneConfig, pad_id: int, device: str, autocast):
+    """Forward/backward over ``grad_accum`` micro-batches, the loss normalised by all their
+    completion tokens. Returns (mean loss per token, input tokens seen)."""
+    import torch
+
+    batches = [collate(micro_batch(examples, step * config.grad_accum + j, config.batch_size, config.seed), pad_id)
+               for j in range(config.grad_accum)]
+    n_target = sum(int((b["labels"] != -100).sum()) for b in batches)
+    total = 0.0
+    for b in batches:
+        loss, _ = completion_loss(model, {k: v.to(device) for k, v in b.items()}, autocast)
+        if not torch.isfinite(loss):
+            return float(loss), 0
+        (loss / n_target).backward()
+        total += loss.item()
+    return total / n_target, sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+def _diverged(step: int, what: str, good: Path | None) -> DivergedError:
+    where = f"the last good checkpoint is {good}" if good else "no checkpoint had been saved yet"
+    return DivergedError(f"training diverged at step {step}: {what}; {where}", step, good)
+
+
+def _write_final(model, tokenizer, out_dir: Path, lora: bool):
+    """Save the trained model (LoRA merged in) and tokenizer to ``out_dir/final``."""
+    if lora:
+        model = model.merge_and_unload()
+    final = out_dir / "final"
+    tmp = out_dir / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return model, final
+
+
+def finetune(model, tokenizer, train_rows, val_rows, config: FinetuneConfig | None = None,
+             out_dir: str | Path = "finetune", chat_template: bool = True, system_prompt: str | None = None,
+             progress: bool = True, new_token_ids: list[int] | None = None) -> FinetuneResult:
+    """Train ``model`` (in place) on rows with ``prompt`` and ``completion`` (DataFrame or
+    dicts; optional ``system`` and ``messages`` columns), resuming from ``out_dir`` if it holds
+    checkpoints of the same run. With ``config.lora``, LoRA is merged back at the end and
+    ``new_token_ids`` (default: the tokenizer's non-special added tokens) are trained in full."""
+    import torch
+    from tqdm.auto import tqdm
+
+    config, out_dir = config or FinetuneConfig(), Path(out_dir)
+    device = pick_device(config.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("config.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    train = encode_rows(tokenizer, train_rows, chat_template, system_prompt, config.max_seq_len)
+    val = encode_rows(tokenizer, val_rows, chat_template, system_prompt, config.max_seq_len)
+    if not train:
+        raise ValueError("finetune needs at least one training row")
+    meta = {"config": asdict(config), "config_hash": config.hash(), "data_hash": data_hash(train + val),
+            "vocab_size": len(tokenizer)}
+    val = val[: config.max_eval_rows]
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    model = model.float().to(device).train()
+    if config.lora:
+        ids = new_token_ids
+        if ids is None:
+            ids = sorted(i for i, t in tokenizer.added_tokens_decoder.items() if not t.special)
+        model = _wrap_lora(model, config, ids)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
+    good = latest_checkpoint(out_dir)
+    state = resume(good, model, opt, sched, meta) if good else {"step": 0, "history": []}
+    step, history, start = state["step"], state["history"], state["step"]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bar = tqdm(total=config.max_steps, initial=step, disable=not progress, desc="finetune", unit="step")
+    seen, t0 = 0, time.perf_counter()
+    while step < config.max_steps:
+        loss, tokens = _train_step(model, train, step, config, pad, device, autocast)
+        if not np.isfinite(loss):
+            raise _diverged(step + 1, f"loss is {loss}", good)
+        norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if not torch.isfinite(norm):
+            raise _diverged(step + 1, f"gradient norm is {float(norm)}", good)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step, seen = step + 1, seen + tokens
+        elapsed = time.perf_counter() - t0
+        rate = seen / max(elapsed, 1e-9)
+        entry = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0], "tokens_per_s": rate, "elapsed_s": elapsed}
+        if step % config.eval_every == 0 or step == config.max_steps:
+            entry["val_loss"] = evaluate(model, val, config.batch_size, pad, device, autocast)
+        history.append(entry)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
+        if step % config.save_every == 0 or step == config.max_steps:
+            if not finite_params(model):
+                raise _diverged(step, "weights are no longer finite", good)
+            good = save_checkpoint(out_dir, step, model, tokenizer, opt, sched, {**meta, "history": history})
+            prune_checkpoints(out_dir, config.keep_checkpoints)
+    bar.close()
+    _, final = _write_final(model, tokenizer, out_dir, config.lora)
+    recent = [h["loss"] for h in history[-10:]]
+    val_losses = [h["val_loss"] for h in history if h.get("val_loss") is not None]
+    return FinetuneResult(step, float(np.mean(recent)) if recent else None, val_losses[-1] if val_losses else None,
+                          final, history, start, seen / max(time.perf_counter() - t0, 1e-9) if seen else None)

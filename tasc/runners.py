@@ -1,0 +1,108 @@
+"""Benchmark methods as runners over loaded models.
+
+* ``greedy``: plain greedy decoding with a KV cache (engine.decode, no draft).
+* ``pld``: transformers' own prompt-lookup decoding (``prompt_lookup_num_tokens``), the
+  first peer to beat.
+* ``tasc-spec``: the TASC draft (task n-grams mixed with context n-grams) verified by the
+  model, cost-gated with the measured verify-cost table.
+Each runner renders the prompt with the task's chat template and returns an engine.Output.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from tasc.draft import BoundDraft
+from tasc.engine import DecodeConfig, Output, RequestStats, decode, encode_prompts, eos_ids
+from tasc.proposer import Proposer, ProposerConfig
+
+
+class _PassCounter:
+    """Counts forward passes of a model, whoever calls it (also transformers' generate)."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.n += 1
+
+
+def engine_runner(lm, cfg: DecodeConfig, system_prompt: str | None, chat_template: bool,
+                  draft: BoundDraft | None = None, cost: Sequence[float] | None = None,
+                  proposer_config: ProposerConfig | None = None, speculative: bool = True):
+    """A runner over engine.decode; ``speculative=False`` gives plain greedy."""
+
+    def run(prompt: str) -> Output:
+        ids = encode_prompts(lm.tokenizer, [prompt], system_prompt, chat_template)[0]
+        proposer = Proposer(draft, proposer_config, cost) if speculative else None
+        return decode(lm.model, lm.tokenizer, ids, proposer, cfg)
+
+    return run
+
+
+def pld_runner(lm, cfg: DecodeConfig, system_prompt: str | None, chat_template: bool, lookup_tokens: int = 10):
+    """transformers' prompt-lookup decoding (assisted generation with n-grams of the prompt)."""
+    counter = _PassCounter(lm.model)
+    stops = sorted(eos_ids(lm.model, lm.tokenizer))
+
+    @torch.inference_mode()
+    def run(prompt: str) -> Output:
+        t0 = time.perf_counter()
+        ids = encode_prompts(lm.tokenizer, [prompt], system_prompt, chat_template)[0]
+        x = torch.tensor([ids], device=lm.model.device)
+        before = counter.n
+        kw = {"stop_strings": list(cfg.stop), "tokenizer": lm.tokenizer} if cfg.stop else {}
+        out = lm.model.generate(
+            input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=cfg.max_new_tokens,
+            prompt_lookup_num_tokens=lookup_tokens, eos_token_id=stops, pad_token_id=lm.tokenizer.pad_token_id, **kw,
+        )
+        new = out[0, len(ids):].tolist()
+        while new and new[-1] in stops:
+            new.pop()
+        text = lm.tokenizer.decode(new, skip_special_tokens=True)
+        for s in cfg.stop:
+            if s in text:
+                text = text[: text.index(s)]
+        st = RequestStats(prompt_tokens=len(ids), new_tokens=len(new), chars=len(text),
+                          forward_passes=counter.n - before, latency_s=time.perf_counter() - t0)
+        return Output(text=text, token_ids=new, stats=st)
+
+    return run
+
+
+def verify_cost_summary(cost: np.ndarray) -> dict:
+    """V(k) for the report: the cost of a k-token verify relative to a one-token step."""
+    return {f"V{k}": float(cost[k]) for k in (2, 4, 8, 16) if k < len(cost)}
+
+
+METHOD_NAMES = ("greedy", "pld", "tasc-spec", "tasc-spec-ref", "context-only")
+
+
+def build_methods(names: Sequence[str], lm, cfg: DecodeConfig, system_prompt: str | None, chat_template: bool,
+                  drafts: dict[str, BoundDraft | None], cost: Sequence[float]) -> list:
+    """Benchmark methods by name over one loaded model.
+
+    drafts: bound drafts by role, "main" (on-policy where available) and "references"."""
+    from tasc.bench import Method
+
+    made = []
+    for name in names:
+        if name == "greedy":
+            run = engine_runner(lm, cfg, system_prompt, chat_template, speculative=False)
+        elif name == "pld":
+            run = pld_runner(lm, cfg, system_prompt, chat_template)
+        elif name == "tasc-spec":
+            run = engine_runner(lm, cfg, system_prompt, chat_template, drafts.get("main"), cost)
+        elif name == "tasc-spec-ref":
+            run = engine_runner(lm, cfg, system_prompt, chat_template, drafts.get("references"), cost)
+        elif name == "context-only":
+            run = engine_runner(lm, cfg, system_prompt, chat_template, None, cost)
+        else:
+            raise ValueError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}")
+        made.append(Method(name, run))
+    return made

@@ -1,0 +1,54 @@
+"""The benchmark stage: methods side by side on the test split."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from prefect import get_run_logger, task
+
+from storage import corpus as store
+from storage.drafts import read_draft
+from storage.reports import report_dir, write_report
+from tasc.bench import environment, run_benchmark
+from tasc.draft import BoundDraft, check_compatible
+from tasc.engine import DecodeConfig, measure_verify_cost
+from tasc.models import load_model
+from tasc.runners import build_methods, verify_cost_summary
+from tasc.spec import load_spec
+
+
+@task(name="benchmark")
+def run_bench(spec_path: str, corpus: dict, model: str, methods: list[str], limit: int | None = 20,
+              dtype: str = "auto", drafts: dict[str, str] | None = None, report_json: str | None = None,
+              threads: int | None = None, split: str = "test") -> dict:
+    """Benchmark ``methods`` for one model; returns the report's summary and file paths."""
+    log = get_run_logger()
+    if threads:
+        torch.set_num_threads(threads)
+    spec = load_spec(spec_path)
+    rows = store.read_corpus(corpus["path"], split=split)
+    if limit:
+        rows = rows.iloc[:limit]
+    if rows.empty:
+        raise ValueError(f"the {split} split of {spec.name} is empty; nothing to benchmark")
+    lm = load_model(model, dtype=dtype)
+    bound = {}
+    for role, path in (drafts or {}).items():
+        d = read_draft(path)
+        check_compatible(d, corpus["version"])
+        bound[role] = BoundDraft.from_corpus(d, lm.tokenizer)
+    cost = measure_verify_cost(lm.model)
+    cfg = DecodeConfig(max_new_tokens=spec.generation.max_new_tokens, stop=spec.generation.stop)
+    made = build_methods(methods, lm, cfg, spec.system_prompt, spec.chat_template, bound, cost)
+    t0 = time.time()
+    report = run_benchmark(made, rows["prompt"].tolist(), rows.to_dict("records"), spec.metric,
+                           ids=rows["id"].tolist(), progress=lambda d, n: log.info("benchmark %d/%d", d, n))
+    report.update(spec=spec.name, model=model, corpus_version=corpus["version"], split=split,
+                  environment=environment(str(lm.dtype).replace("torch.", ""), lm.device),
+                  verify_cost=verify_cost_summary(cost), wall_s=time.time() - t0,
+                  drafts={k: {"path": v, "tokens": bound[k].num_tokens} for k, v in (drafts or {}).items()})
+    paths = write_report(report, report_dir(spec.name, time.strftime("%Y%m%d-%H%M%S")), report_json)
+    return {"paths": paths, "speedup_vs_greedy": report["speedup_vs_greedy"],
+            "methods": {k: {m: v for m, v in e.items() if m != "differing_ids"} for k, e in report["methods"].items()},
+            "verify_cost": report["verify_cost"], "environment": report["environment"]}

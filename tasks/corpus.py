@@ -1,0 +1,48 @@
+"""Ingestion and n-gram tables."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from storage import corpus as store
+from storage.ngram_tables import write_ngram_table
+from storage.settings import ngrams_dir
+from tasc.ingest import fingerprint_sources, ingest
+from tasc.models import load_tokenizer
+from tasc.ngrams import count_text_ngrams, count_token_ngrams
+from tasc.spec import load_spec
+
+
+@task(name="ingest")
+def ingest_corpus(spec_path: str, policy: str | None = None) -> dict:
+    """Versioned corpus for the spec; a no-op when the spec and source files are unchanged."""
+    spec = load_spec(spec_path)
+    version = store.corpus_version(spec, fingerprint_sources(spec))
+    path = store.find_corpus(spec.name, version)
+    if path is not None:
+        get_run_logger().info("corpus %s unchanged (version %s): nothing to do", spec.name, version)
+        store.mark_latest(spec.name, version)
+        return {"path": str(path), "version": version, "manifest": store.read_manifest(path), "reused": True}
+    result = ingest(spec, policy)
+    path = store.write_corpus(spec.name, version, result)
+    get_run_logger().info("corpus %s: %s rows, %s rejected -> %s", spec.name, result.manifest["rows"],
+                          result.manifest["rejected"], path)
+    return {"path": str(path), "version": version, "manifest": result.manifest, "reused": False}
+
+
+@task(name="ngram-tables")
+def build_ngram_tables(corpus: dict, task_name: str, model: str, max_n: int = 8, min_count: int = 2) -> dict:
+    """Text-level and token-level n-gram tables of the train completions, as Parquet."""
+    texts = store.read_corpus(corpus["path"], split="train")["completion"].tolist()
+    tok = load_tokenizer(model)
+    out = ngrams_dir() / task_name / corpus["version"]
+    meta = {"corpus_version": corpus["version"], "model": model}
+    text_tab = count_text_ngrams(texts, max_n=max_n, min_count=min_count, tokenizer=tok)
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    tok_tab = count_token_ngrams(ids, max_n=max_n, min_count=min_count, tokenizer=tok)
+    return {
+        "text": str(write_ngram_table(text_tab, out / "text.parquet", meta)),
+        "token": str(write_ngram_table(tok_tab, out / "token.parquet", meta)),
+        "rows": {"text": text_tab.num_rows, "token": tok_tab.num_rows},
+        "corpus_tokens": int(sum(len(i) for i in ids)),
+    }

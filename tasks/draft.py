@@ -1,0 +1,57 @@
+"""Harvest on-policy outputs and build the text draft."""
+
+from __future__ import annotations
+
+import pandas as pd
+from prefect import get_run_logger, task
+
+from storage import corpus as store
+from storage.drafts import draft_path, harvest_path, read_harvest, write_draft, write_harvest
+from tasc.draft import build_draft_corpus
+from tasc.harvest import harvest
+from tasc.models import load_model
+from tasc.spec import load_spec
+
+
+@task(name="harvest", retries=1, retry_delay_seconds=5)
+def harvest_outputs(spec_path: str, corpus: dict, model: str, limit: int | None = None, dtype: str = "auto",
+                    batch_size: int = 8) -> str:
+    """Run the model over the train prompts; reuses an existing harvest of at least ``limit`` rows."""
+    spec = load_spec(spec_path)
+    path = harvest_path(spec.name, corpus["version"], model)
+    train = store.read_corpus(corpus["path"], split="train")
+    want = len(train) if limit is None else min(limit, len(train))
+    if path.exists() and len(read_harvest(path)) >= want:
+        get_run_logger().info("harvest reused: %s", path)
+        return str(path)
+    rows = train.iloc[:want]
+    lm = load_model(model, dtype=dtype)
+    log = get_run_logger()
+    outs = harvest(lm, rows["prompt"].tolist(), spec.generation.max_new_tokens, spec.system_prompt,
+                   spec.chat_template, batch_size, progress=lambda d, n: log.info("harvest %d/%d", d, n))
+    frame = pd.DataFrame({"id": rows["id"].tolist(), "prompt": rows["prompt"].tolist(), "output": outs})
+    return str(write_harvest(frame, path, {"model": model, "corpus_version": corpus["version"], "dtype": dtype}))
+
+
+@task(name="build-draft")
+def build_draft(spec_path: str, corpus: dict, source: str = "auto", model: str | None = None,
+                harvest_file: str | None = None) -> str:
+    """Build the text draft: references, on-policy, or both; 'auto' takes on-policy where a
+    harvest exists for the model, else references. Deterministic, so it is rebuilt only
+    when its inputs change (the file name encodes them)."""
+    spec = load_spec(spec_path)
+    if harvest_file is None and model is not None:
+        candidate = harvest_path(spec.name, corpus["version"], model)
+        harvest_file = str(candidate) if candidate.exists() else None
+    if source == "auto":
+        source = "on-policy" if harvest_file else "references"
+    if source in ("on-policy", "both") and not harvest_file:
+        raise FileNotFoundError(f"no on-policy harvest for {spec.name} with {model}; run `tasc harvest {spec_path}`")
+    refs = store.read_corpus(corpus["path"], split="train")["completion"].tolist() if source != "on-policy" else []
+    gens = read_harvest(harvest_file)["output"].tolist() if source != "references" else []
+    out = draft_path(spec.name, corpus["version"], source, model if source != "references" else None)
+    draft = build_draft_corpus(refs, gens, corpus_hash=corpus["version"],
+                               meta={"task": spec.name, "model": model, "harvest": harvest_file})
+    write_draft(draft, out)
+    get_run_logger().info("draft %s: %d texts (%s) -> %s", spec.name, len(draft.texts), draft.source, out)
+    return str(out)
