@@ -68,6 +68,9 @@ def configure() -> Path:
         os.environ.setdefault(k, v)
     home = state_dir()
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    # A loaded 2-core machine can take longer than Prefect's default 20 s to start the
+    # ephemeral API server.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("MLFLOW_TRACKING_URI", mlflow_tracking_uri())
     os.environ.setdefault("TASC_MODEL_CACHE", str(model_cache_dir()))
     return home

@@ -71,3 +71,14 @@ def run_url(run_id: str) -> str:
         exp = client().get_run(run_id).info.experiment_id
         return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
     return f"run {run_id} in {uri} (browse with: mlflow ui --backend-store-uri {uri})"
+
+
+def find_finished_run(experiment: str, tag: str, value: str) -> str | None:
+    """The id of a finished run in ``experiment`` tagged ``tag=value``, if any."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'",
+                         max_results=1)
+    return runs[0].info.run_id if runs else None

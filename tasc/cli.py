@@ -136,7 +136,9 @@ def generate(spec: str = typer.Argument(..., help="spec name/path, or a draft .p
 def pipeline(spec: str = typer.Argument("snips"), model: str = MODEL,
              limit: int = typer.Option(12, help="test prompts to benchmark"),
              harvest_limit: int = typer.Option(96, help="train prompts for the on-policy draft"),
-             methods: str = typer.Option("greedy,pld,tasc-spec,tasc-spec-ref"), dtype: str = DTYPE):
+             methods: str = typer.Option("greedy,pld,tasc-spec,tasc-spec-ref"), dtype: str = DTYPE,
+             register: bool = typer.Option(True, help="register in MLflow and run the promotion rule"),
+             force: bool = typer.Option(False, help="rerun even when data and config are unchanged")):
     """Run the end-to-end pipeline (ingest -> n-grams -> draft -> benchmark) on the local defaults."""
     home = _setup_home()
     from flows.pipeline import PipelineParams
@@ -144,12 +146,52 @@ def pipeline(spec: str = typer.Argument("snips"), model: str = MODEL,
     from storage.tracking import run_url
 
     out = run(PipelineParams(spec=spec, model=model, limit=limit, harvest_limit=harvest_limit,
-                             methods=methods, dtype=dtype))
+                             methods=methods, dtype=dtype, register=register, force=force))
+    if out.get("skipped"):
+        typer.echo(f"unchanged since MLflow run {out['previous_run_id']}; nothing to do (--force reruns)")
+        return
     b = out["bench"]
     typer.echo("\n" + Path(b["paths"]["markdown"]).read_text())
     typer.echo(f"state folder: {home}\ncorpus: {out['corpus']['path']}\nn-gram tables: {out['ngrams']['text']}, "
                f"{out['ngrams']['token']}\ndraft: {out['drafts']['main']}\nreport: {b['paths']['json']}\n"
                f"chart: {b['paths']['chart']}\nMLflow: {run_url(out['mlflow_run_id'])}")
+    if out.get("promotion"):
+        p = out["promotion"]
+        typer.echo(f"registry: version {p['version']} {'promoted to champion' if p['promoted'] else 'stays challenger'}"
+                   f" ({p['reason']})")
+
+
+@app.command()
+def promote(task: str = typer.Argument(..., help="task name, e.g. snips"),
+            version: str = typer.Argument(..., help="registered version to judge"),
+            min_speedup: float = typer.Option(1.05), max_metric_drop: float = typer.Option(0.01)):
+    """Run the promotion rule on a registered version (moves 'champion' if it wins)."""
+    _setup()
+    from storage.registry import promote as run
+    from tasc.promotion import PromotionPolicy
+
+    d = run(task, version, PromotionPolicy(min_speedup, max_metric_drop))
+    typer.echo(f"{'promoted' if d.promote else 'not promoted'}: {d.reason}")
+
+
+@app.command()
+def rollback(task: str = typer.Argument(..., help="task name, e.g. snips")):
+    """Make the previous champion the champion again."""
+    _setup()
+    from storage.registry import registered_name
+    from storage.registry import rollback as run
+
+    typer.echo(f"{registered_name(task)}@champion -> version {run(task)}")
+
+
+@app.command()
+def serve(cron: Optional[str] = typer.Option("0 3 * * *", help="retraining schedule (cron)"),
+          spec: str = typer.Option("snips")):
+    """Serve the pipeline from this process (flow.serve): a schedule plus UI-triggered runs."""
+    _setup()
+    from flows.serve import serve_pipeline
+
+    serve_pipeline(spec, cron)
 
 
 def _setup_home() -> Path:

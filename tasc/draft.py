@@ -26,6 +26,7 @@ conditional probability estimated for each; an empty pair means "no draft".
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -103,6 +104,21 @@ def hash_windows(tokens: np.ndarray, n: int) -> np.ndarray:
     return (h >> np.uint64(32)).astype(np.uint32)
 
 
+_M64 = (1 << 64) - 1
+
+
+def hash_pattern(pattern: Sequence[int]) -> int:
+    """The uint32 hash of one window, as ``hash_windows`` computes it, in plain Python
+    (numpy call overhead dominates on a handful of tokens)."""
+    h = 0
+    mult, mix = int(_MULT), int(_MIX)
+    for t in pattern:
+        h = ((h ^ (int(t) & _M64)) * mult) & _M64
+    h ^= h >> 31
+    h = (h * mix) & _M64
+    return h >> 32
+
+
 def walk_continuations(cont: np.ndarray, max_len: int, prior: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Greedy walk down the trie of continuation rows.
 
@@ -110,21 +126,36 @@ def walk_continuations(cont: np.ndarray, max_len: int, prior: float = 1.0) -> tu
     most frequent token among the rows still agreeing is drafted, with probability
     count / (rows + prior) (the prior shrinks estimates built on few rows). Returns
     (tokens int64 (k,), probs float64 (k,)), k <= max_len."""
-    alive = np.ones(len(cont), dtype=bool)
-    toks: list[int] = []
-    probs: list[float] = []
-    for j in range(min(max_len, cont.shape[1])):
-        col = cont[alive, j]
-        if col.size == 0:
-            break
-        vals, counts = np.unique(col, return_counts=True)
+    rows = cont[:, :max_len]
+    toks: list[np.ndarray] = []
+    probs: list[np.ndarray] = []
+    j, width = 0, rows.shape[1]
+    while j < width and len(rows):
+        # Where all remaining rows agree, take the whole common run in one step.
+        same = (rows[:, j:] == rows[0, j:]).all(axis=0)
+        run = int(np.argmin(same)) if not same.all() else len(same)
+        if run:
+            seg = rows[0, j : j + run]
+            seps = np.flatnonzero(seg == SEP)
+            if len(seps):
+                seg = seg[: seps[0]]
+            toks.append(seg)
+            probs.append(np.full(len(seg), len(rows) / (len(rows) + prior)))
+            if len(seps):
+                break
+            j += run
+            continue
+        vals, counts = np.unique(rows[:, j], return_counts=True)
         best = int(np.argmax(counts))
         if vals[best] == SEP:
             break
-        toks.append(int(vals[best]))
-        probs.append(float(counts[best]) / (col.size + prior))
-        alive &= cont[:, j] == vals[best]
-    return np.asarray(toks, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+        toks.append(vals[best : best + 1])
+        probs.append(np.array([counts[best] / (len(rows) + prior)]))
+        rows = rows[rows[:, j] == vals[best]]
+        j += 1
+    if not toks:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
+    return np.concatenate(toks).astype(np.int64), np.concatenate(probs)
 
 
 class BoundDraft:
@@ -149,21 +180,24 @@ class BoundDraft:
         if not draft.texts:
             return cls(np.empty(0, dtype=np.int32), **kw)
         enc = tokenizer(list(draft.texts), add_special_tokens=False)["input_ids"]
-        lengths = np.fromiter((len(e) + len(tail) for e in enc), dtype=np.int64, count=len(enc))
-        flat = np.fromiter((i for e in enc for i in (*e, *tail)), dtype=np.int32, count=int(lengths.sum()))
+        lengths = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
+        body = np.fromiter(itertools.chain.from_iterable(enc), dtype=np.int32, count=int(lengths.sum()))
+        # Insert the tail (EOS, SEP) after every text with one vectorised insert.
+        at = np.repeat(np.cumsum(lengths), len(tail))
+        flat = np.insert(body, at, np.tile(np.asarray(tail, dtype=np.int32), len(enc)))
         return cls(flat, **kw)
 
     def _index_level(self, n: int) -> None:
         h = hash_windows(self.tokens, n)  # h[j] hashes tokens[j .. j+n-1]
-        ends = np.arange(n - 1, len(self.tokens), dtype=np.int32)
-        # A window is valid when it holds no SEP and does not end on EOS-before-SEP's SEP.
-        sep = (self.tokens == SEP).astype(np.int32)
-        csum = np.concatenate([[0], np.cumsum(sep)])
+        ends = np.arange(n - 1, len(self.tokens), dtype=np.int64)
+        # A window is valid when it holds no SEP, i.e. lies inside one text.
+        csum = np.concatenate([[0], np.cumsum(self.tokens == SEP)])
         valid = (csum[ends + 1] - csum[ends + 1 - n]) == 0
-        h, ends = h[valid], ends[valid]
-        idx = np.lexsort((ends, h))
-        self.keys[n] = h[idx]
-        self.order[n] = ends[idx]
+        # One packed sort by (hash, position) is much faster than a lexsort of two keys.
+        packed = (h[valid].astype(np.uint64) << np.uint64(32)) | ends[valid].astype(np.uint64)
+        packed.sort()
+        self.keys[n] = (packed >> np.uint64(32)).astype(np.uint32)
+        self.order[n] = (packed & np.uint64(0xFFFFFFFF)).astype(np.int32)
 
     @property
     def num_tokens(self) -> int:
@@ -181,7 +215,7 @@ class BoundDraft:
             if len(context) < n or not len(self.keys[n]):
                 continue
             pattern = context[-n:]
-            key = hash_windows(pattern, n)[0]
+            key = np.uint32(hash_pattern(pattern.tolist()))  # same dtype: no cast of the whole array
             lo = np.searchsorted(self.keys[n], key, side="left")
             hi = np.searchsorted(self.keys[n], key, side="right")
             if hi <= lo:

@@ -78,6 +78,7 @@ class FinetuneConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    cpu_threads: int = 0  # torch threads while training on CPU; 0 leaves torch's setting
 
     def hash(self) -> str:
         """Hash of every field that changes the trained weights (not those in RESUMABLE)."""
@@ -86,11 +87,13 @@ class FinetuneConfig:
 
 
 def cpu_config(**overrides) -> FinetuneConfig:
-    """Sized for one round in about 20 minutes on 2 CPU cores with a 135M model: LoRA on the
-    attention and MLP projections plus the new embedding rows, short sequences."""
-    base = FinetuneConfig(lr=1e-3, warmup_steps=5, max_steps=60, batch_size=4, grad_accum=1,
-                          max_seq_len=192, eval_every=30, max_eval_rows=32, save_every=20,
-                          device="cpu", lora=True)
+    """Sized for a round of about 20 minutes on 2 shared CPU cores with a 135M model: LoRA on
+    the attention and MLP projections plus the new embedding rows (small checkpoints), short
+    sequences, one torch thread (with a busy second core, two threads wait on each other at
+    every barrier and run several times slower than one)."""
+    base = FinetuneConfig(lr=1e-3, warmup_steps=5, max_steps=80, batch_size=4, grad_accum=1,
+                          max_seq_len=256, eval_every=40, max_eval_rows=32, save_every=20,
+                          device="cpu", lora=True, cpu_threads=1)
     return replace(base, **overrides)
 
 
@@ -234,15 +237,82 @@ def _write_final(model, tokenizer, out_dir: Path, lora: bool):
     return model, final
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    import torch
+
+    old = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@dataclass
+class _Training:
+    """What one run carries from step to step."""
+
+    model: Any
+    tokenizer: Any
+    config: FinetuneConfig
+    device: str
+    out_dir: Path
+    meta: dict[str, Any]
+    params: list = field(default_factory=list)
+    opt: Any = None
+    sched: Any = None
+    good: Path | None = None  # last checkpoint written or resumed from
+
+    def prepare(self, new_token_ids: list[int] | None) -> dict[str, Any]:
+        """fp32 weights on the device, LoRA if asked, AdamW + schedule; resume if possible.
+        Returns the resumed state (step, history)."""
+        import torch
+
+        cfg = self.config
+        self.model = self.model.float().to(self.device).train()
+        if cfg.lora:
+            ids = new_token_ids
+            if ids is None:
+                ids = sorted(i for i, t in self.tokenizer.added_tokens_decoder.items() if not t.special)
+            self.model = _wrap_lora(self.model, cfg, ids)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
+        self.good = latest_checkpoint(self.out_dir)
+        if self.good is None:
+            return {"step": 0, "history": []}
+        return resume(self.good, self.model, self.opt, self.sched, self.meta)
+
+    def update(self, step: int) -> None:
+        """Clip, check and apply the accumulated gradients of step ``step`` (1-based)."""
+        import torch
+
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        if not torch.isfinite(norm):
+            raise _diverged(step, f"gradient norm is {float(norm)}", self.good)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def save(self, step: int, history: list[dict[str, Any]]) -> None:
+        if not finite_params(self.model):
+            raise _diverged(step, "weights are no longer finite", self.good)
+        self.good = save_checkpoint(self.out_dir, step, self.model, self.tokenizer, self.opt, self.sched,
+                                    {**self.meta, "history": history})
+        prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
+
+
 def finetune(model, tokenizer, train_rows, val_rows, config: FinetuneConfig | None = None,
              out_dir: str | Path = "finetune", chat_template: bool = True, system_prompt: str | None = None,
              progress: bool = True, new_token_ids: list[int] | None = None) -> FinetuneResult:
     """Train ``model`` (in place) on rows with ``prompt`` and ``completion`` (DataFrame or
     dicts; optional ``system`` and ``messages`` columns), resuming from ``out_dir`` if it holds
-    checkpoints of the same run. With ``config.lora``, LoRA is merged back at the end and
-    ``new_token_ids`` (default: the tokenizer's non-special added tokens) are trained in full."""
+    checkpoints of the same run (pass the same starting model: the checkpoint is loaded into
+    it). With ``config.lora``, LoRA is merged back at the end and ``new_token_ids`` (default:
+    the tokenizer's non-special added tokens) are trained in full."""
     import torch
-    from tqdm.auto import tqdm
 
     config, out_dir = config or FinetuneConfig(), Path(out_dir)
     device = pick_device(config.device)
@@ -254,53 +324,46 @@ def finetune(model, tokenizer, train_rows, val_rows, config: FinetuneConfig | No
         raise ValueError("finetune needs at least one training row")
     meta = {"config": asdict(config), "config_hash": config.hash(), "data_hash": data_hash(train + val),
             "vocab_size": len(tokenizer)}
-    val = val[: config.max_eval_rows]
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    model = model.float().to(device).train()
-    if config.lora:
-        ids = new_token_ids
-        if ids is None:
-            ids = sorted(i for i, t in tokenizer.added_tokens_decoder.items() if not t.special)
-        model = _wrap_lora(model, config, ids)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
-    good = latest_checkpoint(out_dir)
-    state = resume(good, model, opt, sched, meta) if good else {"step": 0, "history": []}
-    step, history, start = state["step"], state["history"], state["step"]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    bar = tqdm(total=config.max_steps, initial=step, disable=not progress, desc="finetune", unit="step")
-    seen, t0 = 0, time.perf_counter()
-    while step < config.max_steps:
-        loss, tokens = _train_step(model, train, step, config, pad, device, autocast)
-        if not np.isfinite(loss):
-            raise _diverged(step + 1, f"loss is {loss}", good)
-        norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        if not torch.isfinite(norm):
-            raise _diverged(step + 1, f"gradient norm is {float(norm)}", good)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step, seen = step + 1, seen + tokens
-        elapsed = time.perf_counter() - t0
-        rate = seen / max(elapsed, 1e-9)
-        entry = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0], "tokens_per_s": rate, "elapsed_s": elapsed}
-        if step % config.eval_every == 0 or step == config.max_steps:
-            entry["val_loss"] = evaluate(model, val, config.batch_size, pad, device, autocast)
-        history.append(entry)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
-        if step % config.save_every == 0 or step == config.max_steps:
-            if not finite_params(model):
-                raise _diverged(step, "weights are no longer finite", good)
-            good = save_checkpoint(out_dir, step, model, tokenizer, opt, sched, {**meta, "history": history})
-            prune_checkpoints(out_dir, config.keep_checkpoints)
-    bar.close()
-    _, final = _write_final(model, tokenizer, out_dir, config.lora)
+    run = _Training(model, tokenizer, config, device, out_dir, meta)
+    with _torch_threads(config.cpu_threads if device == "cpu" else 0):
+        state = run.prepare(new_token_ids)
+        history, rate = _loop(run, train, val[: config.max_eval_rows], state, progress)
+        _, final = _write_final(run.model, tokenizer, out_dir, config.lora)
     recent = [h["loss"] for h in history[-10:]]
     val_losses = [h["val_loss"] for h in history if h.get("val_loss") is not None]
-    return FinetuneResult(step, float(np.mean(recent)) if recent else None, val_losses[-1] if val_losses else None,
-                          final, history, start, seen / max(time.perf_counter() - t0, 1e-9) if seen else None)
+    return FinetuneResult(len(history), float(np.mean(recent)) if recent else None,
+                          val_losses[-1] if val_losses else None, final, history, state["step"], rate)
+
+
+def _loop(run: _Training, train: list[Example], val: list[Example], state: dict[str, Any], progress: bool):
+    """Steps from the resumed one to ``max_steps``: train, log, evaluate, save. Returns the
+    history (all steps, resumed ones included) and this run's input tokens per second."""
+    import torch
+    from tqdm.auto import tqdm
+
+    cfg, step, history = run.config, state["step"], list(state["history"])
+    cuda = run.device.startswith("cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, desc="finetune", unit="step")
+    seen, t0 = 0, time.perf_counter()
+    while step < cfg.max_steps:
+        loss, tokens = _train_step(run.model, train, step, cfg, pad, run.device, autocast)
+        if not np.isfinite(loss):
+            raise _diverged(step + 1, f"loss is {loss}", run.good)
+        run.update(step + 1)
+        step, seen, elapsed = step + 1, seen + tokens, time.perf_counter() - t0
+        entry = {"step": step, "loss": loss, "lr": run.sched.get_last_lr()[0],
+                 "tokens_per_s": seen / max(elapsed, 1e-9), "elapsed_s": elapsed}
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            entry["val_loss"] = evaluate(run.model, val, cfg.batch_size, pad, run.device, autocast)
+        history.append(entry)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            run.save(step, history)
+    bar.close()
+    return history, (seen / max(time.perf_counter() - t0, 1e-9) if seen else None)

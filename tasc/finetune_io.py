@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 # Fields of FinetuneConfig that may change when a run is resumed (extending it).
-RESUMABLE = ("max_steps", "eval_every", "save_every", "keep_checkpoints", "max_eval_rows", "device")
+RESUMABLE = ("max_steps", "eval_every", "save_every", "keep_checkpoints", "max_eval_rows", "device", "cpu_threads")
 
 
 class ResumeError(RuntimeError):

@@ -184,6 +184,7 @@ def load_model(
     device: str = "auto",
 ) -> LoadedModel:
     """Load model and tokenizer ready for generation (eval mode, no grad)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name, cache_dir)
@@ -200,5 +201,11 @@ def load_model(
             f"{model.get_input_embeddings().weight.shape[0]} embedding rows; they do not belong together"
         )
     model.to(device).eval()
+    if device == "cpu":
+        # Weights loaded unconverted stay memory-mapped from the safetensors file, and the
+        # kernel may drop such pages under memory pressure; a private copy stays resident.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.clone()
     return LoadedModel(model=model, tokenizer=tok, path=Path(path) if Path(path).exists() else Path(),
                        name=str(name), dtype=torch_dtype, device=device)

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasc.draft import BoundDraft, context_continuations, walk_continuations
+from tasc.draft import SEP, BoundDraft, walk_continuations
 
+CONTEXT_LEVELS = (4, 3, 2)
 _EMPTY = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
 
 
@@ -67,6 +68,9 @@ class Proposer:
             extra = last + slope * np.arange(1, n - len(self.cost) + 1)
             self.cost = np.concatenate([self.cost, extra])
         self.trust = 1.0  # running calibration factor on probability estimates
+        # Context n-gram index, kept incrementally: the context only grows during a request.
+        self._ctx: list[int] = []
+        self._ctx_index: dict[int, dict[tuple, list[int]]] = {n: {} for n in CONTEXT_LEVELS}
         self.proposed = 0
         self.accepted = 0
 
@@ -79,7 +83,7 @@ class Proposer:
         if cfg.use_corpus and self.draft is not None and self.draft.num_tokens:
             sources.append((self.draft.continuations(context, cfg.max_len), cfg.corpus_prior))
         if cfg.use_context:
-            sources.append((context_continuations(context, cfg.max_len), cfg.context_prior))
+            sources.append((self._context_rows(context), cfg.context_prior))
         for (rows, _n), prior in sources:
             if not len(rows):
                 continue
@@ -94,6 +98,29 @@ class Proposer:
         keep = int(np.searchsorted(-np.cumprod(probs), -cfg.min_prob, side="right"))
         k = best_length(probs[:keep], self.cost)
         return toks[:k], probs[:k]
+
+    def _context_rows(self, context: np.ndarray) -> tuple[np.ndarray, int]:
+        """Prompt-lookup rows: what followed earlier occurrences of the context's own suffix,
+        most recent first (at most 16), from the longest matching level."""
+        ctx = self._ctx
+        start = len(ctx)
+        ctx.extend(context[start:].tolist())
+        for n, index in self._ctx_index.items():
+            for i in range(max(start, n - 1), len(ctx)):
+                index.setdefault(tuple(ctx[i - n + 1 : i + 1]), []).append(i)
+        L, width = len(ctx), self.config.max_len
+        for n in CONTEXT_LEVELS:
+            if L <= n:
+                continue
+            ends = self._ctx_index[n].get(tuple(ctx[L - n :]), ())
+            prev = [e for e in ends[-17:] if e < L - 1][::-1][:16]  # the suffix itself is excluded
+            if prev:
+                rows = [ctx[e + 1 : e + 1 + width] for e in prev]
+                out = np.full((len(rows), width), SEP, dtype=np.int64)
+                for r, row in enumerate(rows):
+                    out[r, : len(row)] = row
+                return out, n
+        return np.empty((0, width), dtype=np.int64), 0
 
     def update(self, probs: np.ndarray, n_accepted: int) -> None:
         """Feed back one verify step: the estimates that were used and how many were accepted."""

@@ -22,14 +22,22 @@ from tasc.proposer import Proposer, ProposerConfig
 
 
 class _PassCounter:
-    """Counts forward passes of a model, whoever calls it (also transformers' generate)."""
+    """Counts forward passes of a model while in use, whoever calls it (also transformers' generate)."""
 
     def __init__(self, model):
+        self.model = model
         self.n = 0
-        self.handle = model.register_forward_hook(self._hook)
 
     def _hook(self, *_):
         self.n += 1
+
+    def __enter__(self):
+        self.n = 0
+        self.handle = self.model.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 def engine_runner(lm, cfg: DecodeConfig, system_prompt: str | None, chat_template: bool,
@@ -55,12 +63,13 @@ def pld_runner(lm, cfg: DecodeConfig, system_prompt: str | None, chat_template: 
         t0 = time.perf_counter()
         ids = encode_prompts(lm.tokenizer, [prompt], system_prompt, chat_template)[0]
         x = torch.tensor([ids], device=lm.model.device)
-        before = counter.n
         kw = {"stop_strings": list(cfg.stop), "tokenizer": lm.tokenizer} if cfg.stop else {}
-        out = lm.model.generate(
-            input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=cfg.max_new_tokens,
-            prompt_lookup_num_tokens=lookup_tokens, eos_token_id=stops, pad_token_id=lm.tokenizer.pad_token_id, **kw,
-        )
+        with counter:
+            out = lm.model.generate(
+                input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=cfg.max_new_tokens,
+                prompt_lookup_num_tokens=lookup_tokens, eos_token_id=stops, pad_token_id=lm.tokenizer.pad_token_id,
+                **kw,
+            )
         new = out[0, len(ids):].tolist()
         while new and new[-1] in stops:
             new.pop()
@@ -69,7 +78,7 @@ def pld_runner(lm, cfg: DecodeConfig, system_prompt: str | None, chat_template: 
             if s in text:
                 text = text[: text.index(s)]
         st = RequestStats(prompt_tokens=len(ids), new_tokens=len(new), chars=len(text),
-                          forward_passes=counter.n - before, latency_s=time.perf_counter() - t0)
+                          forward_passes=counter.n, latency_s=time.perf_counter() - t0)
         return Output(text=text, token_ids=new, stats=st)
 
     return run

@@ -138,12 +138,14 @@ def filter_candidates(table, tokenizer, config: SelectionConfig) -> pd.DataFrame
     )
     df = df[keep]
     vocab = tokenizer.get_vocab()
-    df = df[[_shape_ok(t, config) and t not in vocab for t in df["token"]]]
+    df = df[np.array([_shape_ok(t, config) and t not in vocab for t in df["token"]], bool)]
     df = df.drop_duplicates("token").sort_values("estimated_gain", ascending=False, kind="stable")
     df = df.head(2 * config.candidate_pool)  # spare rows for the decode check below
-    backend = _fresh(require_fast(tokenizer).to_str(), df["token"].tolist())
-    ok = [backend.decode([backend.token_to_id(t)], skip_special_tokens=False) == t for t in df["token"]]
     cols = ["token", "n", "count", "base_tokens", "estimated_gain"]
+    if df.empty:
+        return df[cols].reset_index(drop=True)
+    backend = _fresh(require_fast(tokenizer).to_str(), df["token"].tolist())
+    ok = np.array([backend.decode([backend.token_to_id(t)], skip_special_tokens=False) == t for t in df["token"]])
     return df[ok].head(config.candidate_pool)[cols].reset_index(drop=True)
 
 
@@ -157,11 +159,17 @@ def _sample(texts: Sequence[str], size: int, seed: int) -> list[str]:
 class _Counter:
     """Encoded lengths under the base tokenizer plus added tokens, without rebuilding the large
     base tokenizer for every trial: a small tokenizer holding only the added tokens finds
-    their matches as the real one does (leftmost-longest, before pre-tokenisation), and each
-    distinct piece of text between matches is encoded once by the base tokenizer."""
+    their matches as the real one does (leftmost-longest, before pre-tokenisation, together
+    with the base's own added tokens, e.g. those of an earlier round), and each distinct
+    piece of text between matches is encoded once by the base tokenizer."""
 
     def __init__(self, base_json: str):
+        from tokenizers import AddedToken
+
         self.base = _fresh(base_json, [])
+        keys = ("special", "normalized", "lstrip", "rstrip", "single_word")
+        self.fixed = [AddedToken(t["content"], **{k: t[k] for k in keys if k in t})
+                      for t in json.loads(base_json).get("added_tokens", [])]
         self.piece_len: dict[str, int] = {}
         self.reset([])
 
@@ -171,8 +179,7 @@ class _Counter:
 
         self.tokens = list(tokens)
         self.splitter = Tokenizer(WordLevel({"<piece>": 0}, unk_token="<piece>"))
-        if self.tokens:
-            self.splitter.add_tokens([_added(t) for t in self.tokens])
+        self.splitter.add_tokens(self.fixed + [_added(t) for t in self.tokens])
 
     def add(self, token: str) -> None:
         self.tokens.append(token)
@@ -188,7 +195,7 @@ class _Counter:
         for d, (text, enc) in enumerate(zip(texts, self.splitter.encode_batch(list(texts)), strict=True)):
             for i, (a, b) in zip(enc.ids, enc.offsets, strict=True):
                 if i:
-                    added.append(i - 1)
+                    added.append(i - 1 - len(self.fixed))
                     out[d] += 1
                 else:
                     pieces.append((d, text[a:b]))
@@ -196,19 +203,19 @@ class _Counter:
         self.piece_len.update(zip(missing, _lengths(self.base, missing).tolist(), strict=True))
         for d, p in pieces:
             out[d] += self.piece_len[p]
-        return out, np.bincount(np.asarray(added, np.int64), minlength=len(self.tokens))
+        added_ids = np.asarray(added, np.int64)
+        return out, np.bincount(added_ids[added_ids >= 0], minlength=len(self.tokens))
 
 
 def _leave_one_out(counter: _Counter, sample: list[str], docs: list[np.ndarray]) -> np.ndarray:
-    """int64 (k,): tokens each of the counter's tokens saves on the sample given the others."""
+    """int64 (k,): tokens each of the counter's tokens saves on the sample given the others;
+    only the documents containing a token (``docs[j]``) can change without it."""
     tokens = list(counter.tokens)
+    with_all = counter.lengths(sample)[0]
     gains = np.zeros(len(tokens), np.int64)
     for j in range(len(tokens)):
-        texts = [sample[d] for d in docs[j]]
-        counter.reset(tokens)
-        with_all = counter.lengths(texts)[0].sum()
         counter.reset(tokens[:j] + tokens[j + 1 :])
-        gains[j] = counter.lengths(texts)[0].sum() - with_all
+        gains[j] = counter.lengths([sample[d] for d in docs[j]])[0].sum() - with_all[docs[j]].sum()
     counter.reset(tokens)
     return gains
 

@@ -64,3 +64,10 @@ def flat_bench_metrics(summary: dict) -> dict:
     for k, v in summary.get("verify_cost", {}).items():
         out[f"verify_cost.{k}"] = v
     return out
+
+
+@task(name="find-previous-run")
+def find_previous_run(experiment: str, run_key: str) -> str | None:
+    from storage.tracking import find_finished_run
+
+    return find_finished_run(experiment, "tasc.run_key", run_key)

@@ -25,6 +25,7 @@ def pytest_configure(config):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("PREFECT_HOME", str(_SESSION_HOME / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +53,16 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def pipeline_result(prefect_harness, tiny_model_dir):
+    """One end-to-end pipeline run on the tiny model and the shipped generic spec."""
+    from flows.pipeline import PipelineParams, pipeline
+
+    params = PipelineParams(spec="prompt-completion", model=str(tiny_model_dir), limit=3, harvest_limit=6,
+                            methods="greedy,pld,tasc-spec,tasc-spec-ref", dtype="float32", max_n=4,
+                            min_speedup=0.0)
+    out = pipeline(params)
+    out["params"] = params
+    return out

@@ -73,8 +73,6 @@ def test_prompt_is_masked_and_eos_appended(new_tokenizer, rows):
 
 
 def test_a_few_steps_lower_the_loss(tiny_model_dir, tiny_tokenizer, new_tokenizer, rows, tmp_path):
-    from tasc.finetune_io import Example  # noqa: F401  (public type of encode_rows)
-
     model = fresh_model(tiny_model_dir, tiny_tokenizer, new_tokenizer)
     val = encode_rows(new_tokenizer, rows[20:], True, None, 96)
     before = ft.evaluate(model, val, 4, new_tokenizer.pad_token_id, "cpu", ft.contextlib.nullcontext())
@@ -115,21 +113,22 @@ def _kill_after(monkeypatch, step: int):
     monkeypatch.setattr(ft, "save_checkpoint", save_then_die)
 
 
+@pytest.mark.parametrize("lora", [False, True])
 def test_killed_run_resumes_where_it_stopped(tiny_model_dir, tiny_tokenizer, new_tokenizer, rows, tmp_path,
-                                             monkeypatch):
+                                             monkeypatch, lora):
     args = (tiny_model_dir, tiny_tokenizer, new_tokenizer, rows)
-    straight = run(*args, tmp_path / "straight", small(save_every=2))
+    straight = run(*args, tmp_path / "straight", small(save_every=2, lora=lora))
     with monkeypatch.context() as m:
         _kill_after(m, 4)
         with pytest.raises(KeyboardInterrupt):
-            run(*args, tmp_path / "killed", small(save_every=2))
+            run(*args, tmp_path / "killed", small(save_every=2, lora=lora))
     assert not (tmp_path / "killed" / "final").exists()
-    resumed = run(*args, tmp_path / "killed", small(save_every=2))
+    resumed = run(*args, tmp_path / "killed", small(save_every=2, lora=lora))
     assert resumed.resumed_from == 4 and resumed.steps == 6
     assert [h["step"] for h in resumed.history] == list(range(1, 7))
     np.testing.assert_allclose([h["loss"] for h in resumed.history], [h["loss"] for h in straight.history],
                                rtol=1e-5)
-    more = run(*args, tmp_path / "killed", small(save_every=2, max_steps=8))  # extend the finished run
+    more = run(*args, tmp_path / "killed", small(save_every=2, max_steps=8, lora=lora))  # extend the run
     assert more.resumed_from == 6 and more.steps == 8 and len(more.history) == 8
     kept = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     assert kept == ["step-000006", "step-000008"]

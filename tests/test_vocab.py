@@ -185,3 +185,20 @@ def test_weighted_init_and_untied_head(tiny_model_dir, tiny_tokenizer):
 
 def emb_width(model) -> int:
     return model.get_input_embeddings().weight.shape[1]
+
+
+def test_second_round_builds_on_the_first(selection, real_slice, tiny_tokenizer):
+    first = expand_tokenizer(tiny_tokenizer, selection.tokens)
+    again = select_tokens(real_slice, first, SelectionConfig(tokens_per_round=20))
+    assert again.base_total == selection.new_total and again.new_total < again.base_total
+    assert not set(again.tokens) & set(selection.tokens)
+    counter = _Counter(first.backend_tokenizer.to_str())
+    counter.reset(again.tokens)
+    second = expand_tokenizer(first, again.tokens)
+    assert counter.lengths(real_slice)[0].tolist() == [len(x) for x in second(real_slice, add_special_tokens=False)["input_ids"]]
+    assert round_trip_report(second, real_slice, base_tokenizer=tiny_tokenizer)["exact"]
+
+
+def test_nothing_to_choose(tiny_tokenizer):
+    sel = select_tokens(["a", "b"], tiny_tokenizer)
+    assert sel.tokens == [] and sel.base_total == sel.new_total == 2 and sel.reduction == 0.0

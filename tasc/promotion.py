@@ -1,0 +1,68 @@
+"""The promotion rule: pure, so it is tested on numbers alone.
+
+A challenger replaces the champion when it is at least ``min_speedup`` times as fast (chars/s
+of its TASC method over the champion's, measured on the same test split) and its task
+metric drops by no more than ``max_metric_drop`` (absolute). With no champion yet, the
+first challenger is promoted when its metric reaches ``metric_floor`` and it does not lose
+to plain greedy decoding of the base model by more than ``max_metric_drop``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class PromotionPolicy:
+    min_speedup: float = 1.05
+    max_metric_drop: float = 0.01
+    metric_floor: float = 0.0
+
+
+@dataclass(frozen=True)
+class Scorecard:
+    """What a registered version is judged on."""
+
+    chars_per_s: float
+    metric: float
+    split: str = "test"
+    corpus_version: str = ""
+    baseline_metric: float | None = None  # plain greedy of the base model, same split
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    speedup: float | None
+    metric_delta: float | None
+
+    def to_tags(self) -> dict[str, str]:
+        return {f"tasc.promotion.{k}": str(v) for k, v in asdict(self).items()}
+
+
+def decide(challenger: Scorecard, champion: Scorecard | None, policy: PromotionPolicy = PromotionPolicy()) -> Decision:
+    """Compare a challenger with the current champion (or the floor when there is none)."""
+    if champion is None:
+        drop = None if challenger.baseline_metric is None else challenger.metric - challenger.baseline_metric
+        if challenger.metric < policy.metric_floor:
+            return Decision(False, f"first version: metric {challenger.metric:.4f} is below the floor "
+                                   f"{policy.metric_floor:.4f}", None, drop)
+        if drop is not None and drop < -policy.max_metric_drop:
+            return Decision(False, f"first version: metric {challenger.metric:.4f} is {-drop:.4f} below plain "
+                                   f"greedy ({challenger.baseline_metric:.4f}), tolerance {policy.max_metric_drop}",
+                            None, drop)
+        return Decision(True, f"first version: metric {challenger.metric:.4f} passes the floor "
+                              f"{policy.metric_floor:.4f}", None, drop)
+    if champion.corpus_version and challenger.corpus_version and champion.corpus_version != challenger.corpus_version:
+        note = f" (champion measured on corpus {champion.corpus_version}, challenger on {challenger.corpus_version})"
+    else:
+        note = ""
+    speedup = challenger.chars_per_s / champion.chars_per_s if champion.chars_per_s else float("inf")
+    delta = challenger.metric - champion.metric
+    if delta < -policy.max_metric_drop:
+        return Decision(False, f"metric drops {-delta:.4f} (> {policy.max_metric_drop}){note}", speedup, delta)
+    if speedup < policy.min_speedup:
+        return Decision(False, f"speedup {speedup:.3f}x is below {policy.min_speedup}x{note}", speedup, delta)
+    return Decision(True, f"speedup {speedup:.3f}x >= {policy.min_speedup}x and metric change {delta:+.4f} "
+                          f"within {policy.max_metric_drop}{note}", speedup, delta)

@@ -1,0 +1,41 @@
+"""Package, register and promote the tasc model in the MLflow Model Registry."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from storage import corpus as store
+from storage import registry
+from tasc.models import resolve_model
+from tasc.promotion import PromotionPolicy, Scorecard
+from tasc.spec import load_spec
+
+
+@task(name="register-model", retries=2, retry_delay_seconds=[5, 20])
+def register_model(spec_path: str, run_id: str, model: str, draft_file: str, bench: dict, corpus: dict,
+                   method: str = "tasc-spec", dtype: str = "auto") -> str:
+    """Log the pyfunc (model + tokenizer + draft) and register it as the new challenger."""
+    spec = load_spec(spec_path)
+    entry = bench["methods"][method]
+    card = Scorecard(chars_per_s=entry["chars_per_s"], metric=entry["metric"] or 0.0,
+                     corpus_version=corpus["version"],
+                     baseline_metric=(bench["methods"].get("greedy") or {}).get("metric"))
+    config = {"task": spec.name, "system_prompt": spec.system_prompt, "chat_template": spec.chat_template,
+              "stop": list(spec.generation.stop), "max_new_tokens": spec.generation.max_new_tokens, "dtype": dtype}
+    prompts = store.read_corpus(corpus["path"], split="test")["prompt"].head(2).tolist()
+    uri = registry.log_pyfunc(run_id, resolve_model(model), draft_file, config, prompts)
+    version = registry.register(uri, spec.name, card, tags={"tasc.source_model": model, "tasc.method": method})
+    get_run_logger().info("registered %s version %s (challenger) from %s", registry.registered_name(spec.name),
+                          version, uri)
+    return version
+
+
+@task(name="promote")
+def promote_model(spec_path: str, version: str, min_speedup: float = 1.05, max_metric_drop: float = 0.01,
+                  metric_floor: float = 0.0) -> dict:
+    spec = load_spec(spec_path)
+    d = registry.promote(spec.name, version, PromotionPolicy(min_speedup, max_metric_drop, metric_floor))
+    get_run_logger().info("version %s: %s (%s)", version, "promoted to champion" if d.promote else "not promoted",
+                          d.reason)
+    return {"version": version, "promoted": d.promote, "reason": d.reason, "speedup": d.speedup,
+            "metric_delta": d.metric_delta}

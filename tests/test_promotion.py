@@ -1,0 +1,30 @@
+from tasc.promotion import PromotionPolicy, Scorecard, decide
+
+P = PromotionPolicy(min_speedup=1.1, max_metric_drop=0.01, metric_floor=0.2)
+
+
+def test_first_version_needs_the_floor():
+    assert decide(Scorecard(100.0, 0.5), None, P).promote
+    d = decide(Scorecard(100.0, 0.1), None, P)
+    assert not d.promote and "floor" in d.reason
+
+
+def test_first_version_must_not_lose_to_greedy():
+    d = decide(Scorecard(100.0, 0.5, baseline_metric=0.6), None, P)
+    assert not d.promote and "plain greedy" in d.reason
+
+
+def test_faster_and_as_good_wins():
+    d = decide(Scorecard(120.0, 0.495), Scorecard(100.0, 0.50), P)
+    assert d.promote and abs(d.speedup - 1.2) < 1e-9
+
+
+def test_too_slow_or_worse_loses():
+    assert not decide(Scorecard(105.0, 0.6), Scorecard(100.0, 0.5), P).promote
+    d = decide(Scorecard(200.0, 0.48), Scorecard(100.0, 0.5), P)
+    assert not d.promote and "metric drops" in d.reason
+
+
+def test_decision_tags():
+    tags = decide(Scorecard(120.0, 0.5), Scorecard(100.0, 0.5), P).to_tags()
+    assert tags["tasc.promotion.promote"] == "True"

@@ -1,0 +1,123 @@
+"""The proposer's gates: verify cost (best_length), confidence (min_prob) and calibration
+(update)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasc.draft import SEP, BoundDraft, context_continuations, walk_continuations
+from tasc.proposer import Proposer, ProposerConfig, best_length, expected_tokens
+
+
+def test_expected_tokens():
+    np.testing.assert_allclose(expected_tokens(np.array([0.5, 0.5])), [1.0, 1.5, 1.75])
+    np.testing.assert_allclose(expected_tokens(np.empty(0)), [1.0])
+
+
+def test_best_length_zero_when_drafting_is_a_loss():
+    linear = np.arange(18, dtype=np.float64)  # an m-token verify costs m plain steps
+    assert best_length(np.full(8, 0.95), linear) == 0
+    steep = 1.0 + 0.5 * np.arange(-1, 17)  # cost[1] == 1, +0.5 per token
+    steep[0] = 0.0
+    assert best_length(np.full(8, 0.3), steep) == 0
+    assert best_length(np.empty(0), np.ones(18)) == 0
+
+
+def test_best_length_long_when_confident_and_cost_flat():
+    flat = np.ones(18)
+    assert best_length(np.full(8, 0.9), flat) == 8
+    assert best_length(np.full(30, 0.9), flat) == 16  # bounded by the cost table
+    # Moderate cost growth: a confident draft is still worth a few tokens, a weak one less.
+    cost = np.concatenate([[0.0], 1.0 + 0.1 * np.arange(17)])
+    strong = best_length(np.full(12, 0.95), cost)
+    weak = best_length(np.full(12, 0.5), cost)
+    assert strong > weak >= 0 and strong >= 4
+
+
+def test_cost_table_is_extended():
+    p = Proposer(None, ProposerConfig(max_len=8), cost=[0.0, 1.0, 1.2, 1.5])
+    assert len(p.cost) == 10
+    np.testing.assert_allclose(p.cost[:4], [0.0, 1.0, 1.2, 1.5])
+    np.testing.assert_allclose(p.cost[4:6], [1.8, 2.1])  # linear from the last slope
+    assert np.all(np.diff(p.cost) >= 0)
+
+
+def _repeated_draft(rows: int = 9) -> BoundDraft:
+    """``rows`` identical texts [1, 2, 3, 10, ..., 29]: after [2, 3] every row agrees, so each
+    drafted token gets probability rows / (rows + 1)."""
+    doc = [1, 2, 3, *range(10, 30)]
+    return BoundDraft(np.array([t for _ in range(rows) for t in (*doc, SEP)], dtype=np.int32))
+
+
+CONTEXT = np.array([1, 2, 3], dtype=np.int64)
+
+
+@pytest.mark.parametrize(("min_prob", "expected_len"), [(0.8, 2), (0.5, 6), (0.15, 16), (0.95, 0)])
+def test_min_prob_stops_the_draft(min_prob, expected_len):
+    cfg = ProposerConfig(max_len=16, min_prob=min_prob, use_context=False)
+    toks, probs = Proposer(_repeated_draft(), cfg).propose(CONTEXT)
+    # 0.9 ** k >= min_prob: 0.81 / 0.53 / 0.185 for k = 2 / 6 / 16.
+    assert len(toks) == len(probs) == expected_len
+    assert toks.tolist() == list(range(10, 10 + expected_len))
+    np.testing.assert_allclose(probs, 0.9)
+
+
+def test_propose_respects_cost():
+    cfg = ProposerConfig(max_len=16, use_context=False)
+    toks, _ = Proposer(_repeated_draft(), cfg, cost=np.arange(18.0)).propose(CONTEXT)
+    assert len(toks) == 0  # every extra token costs a full step: never worth it
+
+
+def test_context_source_is_used_without_a_corpus():
+    ctx = np.array([7, 8, 9, 4, 5, 7, 8, 9], dtype=np.int64)
+    toks, _ = Proposer(None, ProposerConfig(min_prob=0.0)).propose(ctx)
+    assert toks.tolist()[:2] == [4, 5]
+    assert len(Proposer(None, ProposerConfig(use_context=False)).propose(ctx)[0]) == 0
+
+
+def test_context_proposals_follow_the_growing_context():
+    """One proposer over a request whose context grows: every proposal equals the walk over
+    ``context_continuations`` of the context so far (the prompt-lookup reference)."""
+    rng = np.random.default_rng(5)
+    cfg = ProposerConfig(max_len=8, min_prob=0.0, use_corpus=False)
+    # Random stretches, then a periodic one (more than 16 earlier occurrences of each suffix).
+    seq = np.concatenate([rng.integers(0, 4, 60), rng.integers(0, 3, 100), np.tile([0, 1, 2], 30)]).astype(np.int64)
+    p = Proposer(None, cfg)
+    drafted = 0
+    L = 1
+    while L <= len(seq):
+        toks, probs = p.propose(seq[:L])
+        rows, _ = context_continuations(seq[:L], cfg.max_len)
+        exp_toks, exp_probs = walk_continuations(rows, cfg.max_len, prior=cfg.context_prior)
+        assert toks.tolist() == exp_toks.tolist(), L
+        np.testing.assert_allclose(probs, np.minimum(exp_probs, 0.99))
+        drafted += len(toks)
+        L += int(rng.integers(1, 4))  # grows by 1-3 tokens per step, like accepted runs
+    assert drafted > 0
+
+
+def test_update_lowers_trust_after_rejections_and_raises_after_acceptances():
+    p = Proposer(_repeated_draft(), ProposerConfig(use_context=False))
+    probs = np.full(6, 0.9)
+    p.update(probs, 0)
+    assert p.trust < 1.0
+    low = p.trust
+    for _ in range(50):
+        p.update(probs, 0)
+    assert 0.3 <= p.trust < low  # bounded below
+    assert p.trust == pytest.approx(0.3)
+    assert p.proposed == 51 * 6 and p.accepted == 0
+    # Lower trust scales the estimates down, which shortens the draft under min_prob.
+    toks, est = p.propose(CONTEXT)
+    assert len(toks) < 6 and np.all(est <= 0.9 * 0.3 + 1e-12)
+
+    q = Proposer(None)
+    weak = np.full(4, 0.5)
+    q.update(weak, 4)
+    assert q.trust > 1.0
+    for _ in range(50):
+        q.update(weak, 4)
+    assert q.trust == pytest.approx(1.5)  # bounded above
+    q.update(np.empty(0), 0)  # no draft, no feedback
+    assert q.trust == pytest.approx(1.5) and q.proposed == 51 * 4
