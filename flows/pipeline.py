@@ -24,12 +24,12 @@ class PipelineParams(BaseModel):
     spec: str = Field("snips", description="task spec: a shipped name (snips, mbpp, squad, nq-open) or a YAML path")
     model: str = Field(DEFAULT_MODEL, description="short name, local folder, Hugging Face id")
     methods: str = Field("greedy,pld,tasc-spec,tasc-spec-ref", description="benchmark methods, comma-separated")
-    limit: int = Field(12, ge=1, description="test prompts to benchmark")
-    harvest_limit: int = Field(96, ge=0, description="train prompts to harvest on-policy outputs from (0: references only)")
+    limit: int = Field(8, ge=1, description="test prompts to benchmark")
+    harvest_limit: int = Field(32, ge=0, description="train prompts to harvest on-policy outputs from (0: references only)")
     dtype: str = Field("auto", description="auto | float32 | bfloat16")
     max_n: int = Field(8, ge=1, le=16, description="longest n-gram counted")
     policy: str | None = Field(None, description="bad-row policy override: fail | skip")
-    register: bool = Field(True, description="register the model in MLflow and run the promotion rule")
+    register_model: bool = Field(True, description="register the model in MLflow and run the promotion rule")
     min_speedup: float = Field(1.05, description="promotion: chars/s over the champion at least this")
     max_metric_drop: float = Field(0.01, description="promotion: task metric may drop at most this (absolute)")
     force: bool = Field(False, description="run even when data and config are unchanged since a finished run")
@@ -56,7 +56,7 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
         summary = bench_flow(params.spec, params.model, params.methods, params.limit, params.dtype, drafts=drafts,
                              corpus=corpus, parent_run_id=run_id)
         promotion = None
-        if params.register:
+        if params.register_model:
             version = register_model(params.spec, run_id, params.model, drafts["main"], summary, corpus,
                                      dtype=params.dtype)
             promotion = promote_model(params.spec, version, params.min_speedup, params.max_metric_drop)

@@ -134,8 +134,8 @@ def generate(spec: str = typer.Argument(..., help="spec name/path, or a draft .p
 
 @app.command()
 def pipeline(spec: str = typer.Argument("snips"), model: str = MODEL,
-             limit: int = typer.Option(12, help="test prompts to benchmark"),
-             harvest_limit: int = typer.Option(96, help="train prompts for the on-policy draft"),
+             limit: int = typer.Option(8, help="test prompts to benchmark"),
+             harvest_limit: int = typer.Option(32, help="train prompts for the on-policy draft"),
              methods: str = typer.Option("greedy,pld,tasc-spec,tasc-spec-ref"), dtype: str = DTYPE,
              register: bool = typer.Option(True, help="register in MLflow and run the promotion rule"),
              force: bool = typer.Option(False, help="rerun even when data and config are unchanged")):
@@ -146,7 +146,7 @@ def pipeline(spec: str = typer.Argument("snips"), model: str = MODEL,
     from storage.tracking import run_url
 
     out = run(PipelineParams(spec=spec, model=model, limit=limit, harvest_limit=harvest_limit,
-                             methods=methods, dtype=dtype, register=register, force=force))
+                             methods=methods, dtype=dtype, register_model=register, force=force))
     if out.get("skipped"):
         typer.echo(f"unchanged since MLflow run {out['previous_run_id']}; nothing to do (--force reruns)")
         return
@@ -185,7 +185,7 @@ def rollback(task: str = typer.Argument(..., help="task name, e.g. snips")):
 
 
 @app.command()
-def serve(cron: Optional[str] = typer.Option("0 3 * * *", help="retraining schedule (cron)"),
+def serve(cron: str | None = typer.Option("0 3 * * *", help="retraining schedule (cron)"),
           spec: str = typer.Option("snips")):
     """Serve the pipeline from this process (flow.serve): a schedule plus UI-triggered runs."""
     _setup()

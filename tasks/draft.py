@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 
 from storage import corpus as store
 from storage.drafts import draft_path, harvest_path, read_harvest, write_draft, write_harvest
-from tasc.draft import build_draft_corpus
+from tasc.draft import BoundDraft, build_draft_corpus
 from tasc.harvest import harvest
 from tasc.models import load_model
 from tasc.spec import load_spec
@@ -27,8 +27,9 @@ def harvest_outputs(spec_path: str, corpus: dict, model: str, limit: int | None 
     rows = train.iloc[:want]
     lm = load_model(model, dtype=dtype)
     log = get_run_logger()
+    refs = BoundDraft.from_corpus(build_draft_corpus(train["completion"].tolist()), lm.tokenizer)
     outs = harvest(lm, rows["prompt"].tolist(), spec.generation.max_new_tokens, spec.system_prompt,
-                   spec.chat_template, batch_size, progress=lambda d, n: log.info("harvest %d/%d", d, n))
+                   spec.chat_template, batch_size, progress=lambda d, n: log.info("harvest %d/%d", d, n), draft=refs)
     frame = pd.DataFrame({"id": rows["id"].tolist(), "prompt": rows["prompt"].tolist(), "output": outs})
     return str(write_harvest(frame, path, {"model": model, "corpus_version": corpus["version"], "dtype": dtype}))
 

@@ -104,6 +104,8 @@ def _free_port() -> int:
 def test_mlflow_models_serve_answers_rest(pipeline_result):
     port = _free_port()
     env = dict(os.environ)
+    # The scoring server's uvicorn lives next to this interpreter, as in an activated venv.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
            f"models:/{registry.registered_name(TASK)}@champion", "--env-manager", "local", "-h", "127.0.0.1",
            "-p", str(port), "-w", "1"]
