@@ -4,7 +4,6 @@ ingest -> n-gram tables -> harvest -> draft -> benchmark, logged as one parent M
 with a nested run per stage. Between tasks travel Parquet paths and model names/URIs,
 never pickled models."""
 
-from __future__ import annotations
 
 import hashlib
 import json

@@ -151,7 +151,9 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, opt, sched, meta
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
+    # A peft checkpoint keeps the resized embedding too, so it does not depend on the caller
+    # re-creating the same expanded starting model.
+    model.save_pretrained(tmp, **({"save_embedding_layers": True} if hasattr(model, "peft_config") else {}))
     tokenizer.save_pretrained(tmp)
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state()},
                tmp / "trainer_state.pt")

@@ -49,7 +49,7 @@ def fresh_model(tiny_model_dir, tiny_tokenizer, new_tokenizer):
 
 def small(**kw) -> FinetuneConfig:
     base = dict(lr=3e-3, warmup_steps=2, max_steps=6, batch_size=4, max_seq_len=96, eval_every=100,
-                save_every=100, device="cpu", max_eval_rows=8)
+                save_every=100, device="cpu", max_eval_rows=8, cpu_threads=1)
     return FinetuneConfig(**{**base, **kw})
 
 
