@@ -72,15 +72,16 @@ def draft_flow(spec: str, model: str = DEFAULT_MODEL, source: str = "auto", harv
 def bench_flow(spec: str, model: str = DEFAULT_MODEL, methods: str = "greedy,pld,tasc-spec", limit: int | None = 20,
                dtype: str = "auto", report: str | None = None, drafts: dict | None = None,
                harvest_limit: int | None = 400, corpus: dict | None = None,
-               parent_run_id: str | None = None) -> dict:
-    """Benchmark methods side by side; builds or reuses the draft the spec methods need."""
+               parent_run_id: str | None = None, extra_models: dict | None = None) -> dict:
+    """Benchmark methods side by side; builds or reuses the draft the spec methods need.
+    extra_models: method model folders, "tasc-ft" and "ft-only" (see tasc.runners)."""
     corpus = corpus or ingest_corpus(spec)
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    if drafts is None and any(n.startswith("tasc-spec") for n in names):
+    if drafts is None and any(n.startswith("tasc-spec") or n.endswith("+spec") for n in names):
         drafts = draft_flow(spec, model, "auto", harvest_limit, "auto", corpus, parent_run_id)
-    summary = run_bench(spec, corpus, model, names, limit, dtype, drafts, report)
+    summary = run_bench(spec, corpus, model, names, limit, dtype, drafts, report, extra_models=extra_models)
     run_id = start_run(_experiment(spec), "bench", {"spec": spec, "model": model, "methods": methods,
-                       "limit": limit, "dtype": summary["environment"]["dtype"],
+                       "limit": limit, "dtype": summary["environment"]["dtype"], "extra_models": extra_models,
                        "corpus_version": corpus["version"]}, parent_run_id=parent_run_id)
     log_to_run(run_id, metrics=flat_bench_metrics(summary), artifacts={"report": summary["paths"]["json"]})
     log_to_run(run_id, artifacts={"report": summary["paths"]["markdown"]})

@@ -84,17 +84,58 @@ def draft(spec: str, model: str = MODEL,
 @app.command()
 def bench(spec: str, model: str = MODEL,
           methods: str = typer.Option("greedy,pld,tasc-spec", help="comma-separated: greedy, pld, tasc-spec, "
-                                      "tasc-spec-ref, context-only"),
+                                      "tasc-spec-ref, context-only, ft-only, tasc-ft, tasc-ft+spec"),
           limit: int | None = typer.Option(20, help="test prompts"), dtype: str = DTYPE,
           report: str | None = typer.Option(None, help="also write the JSON report here"),
-          harvest_limit: int | None = typer.Option(400, help="train prompts for the on-policy draft")):
+          harvest_limit: int | None = typer.Option(400, help="train prompts for the on-policy draft"),
+          ft_model: str | None = typer.Option(None, help="TASC-ft model folder (methods tasc-ft, tasc-ft+spec)"),
+          ft_only_model: str | None = typer.Option(None, help="fine-tune-only model folder (method ft-only)")):
     """Benchmark methods side by side (interleaved, one process) and print the table."""
     _setup()
     from flows.stages import bench_flow
 
-    summary = bench_flow(spec, model, methods, limit, dtype, report, harvest_limit=harvest_limit)
+    extra = {k: v for k, v in (("tasc-ft", ft_model), ("ft-only", ft_only_model)) if v}
+    summary = bench_flow(spec, model, methods, limit, dtype, report, harvest_limit=harvest_limit,
+                         extra_models=extra or None)
     typer.echo(Path(summary["paths"]["markdown"]).read_text())
     typer.echo(f"report: {summary['paths']['json']}\nchart: {summary['paths']['chart']}")
+
+
+@app.command()
+def vocab(spec: str = typer.Argument(..., help="spec name or YAML path"), model: str = MODEL,
+          rounds: int = typer.Option(3, help="vocabulary-expansion rounds (fewer when they plateau)"),
+          finetune: bool = typer.Option(True, help="fine-tune after each expansion (--no-finetune: only expand)"),
+          max_steps: int | None = typer.Option(None, help="fine-tuning steps per round (default: the device config)"),
+          tokens: int = typer.Option(100, help="new tokens per round at most"),
+          min_count: int = typer.Option(5, help="occurrences a token needs, and tokens it must save"),
+          eval_prompts: int = typer.Option(8, help="validation prompts to generate for the task metric (0: none)"),
+          ft_only: bool = typer.Option(True, help="also train the fine-tune-only baseline (with fine-tuning)"),
+          register: bool = typer.Option(True, help="with fine-tuning: benchmark and register the chosen model"),
+          report: str | None = typer.Option(None, help="also write the JSON report here")):
+    """TASC-ft: add task tokens to the vocabulary in rounds (fine-tuning each), print a table."""
+    _setup()
+    from flows.vocab import vocab_flow
+
+    out = vocab_flow(spec, model, rounds, finetune, max_steps, tokens, min_count, eval_prompts, ft_only, report,
+                     register_best=register)
+    typer.echo("| round | added tokens | tokens/completion | token reduction | round-trip | val loss | metric |\n"
+               "|---|---|---|---|---|---|---|")
+    b = out["base"]
+    typer.echo(f"| 0 (base) | 0 | {b['tokens_per_completion']:.2f} | 0.000 | yes | {_num(b.get('val_loss'))} | "
+               f"{_num(b['metric'])} |")
+    for r in out["rounds"]:
+        typer.echo(f"| {r['round']} | {r['added_tokens']} | {r['tokens_per_completion']:.2f} | "
+                   f"{r['token_reduction']:.3f} | {'yes' if r['round_trip_exact'] else 'NO'} | "
+                   f"{_num(r['val_loss'])} | {_num(r['metric'])} |")
+    if out.get("ft_only"):
+        typer.echo(f"ft-only: val loss {_num(out['ft_only']['val_loss'])}, model {out['ft_only']['model_dir']}")
+    if out.get("registered"):
+        typer.echo(f"registered version {out['registered']['version']} (challenger)")
+    typer.echo(f"chosen: {out['chosen']}\nreport: {out['report']}")
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 @app.command()

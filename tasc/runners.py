@@ -5,6 +5,8 @@
   first peer to beat.
 * ``tasc-spec``: the TASC draft (task n-grams mixed with context n-grams) verified by the
   model, cost-gated with the measured verify-cost table.
+* ``ft-only`` / ``tasc-ft``: greedy with the fine-tuned model (base vocabulary) / with the
+  TASC-ft model (expanded vocabulary); ``tasc-ft+spec``: TASC-spec on the TASC-ft model.
 Each runner renders the prompt with the task's chat template and returns an engine.Output.
 """
 
@@ -89,18 +91,37 @@ def verify_cost_summary(cost: np.ndarray) -> dict:
     return {f"V{k}": float(cost[k]) for k in (2, 4, 8, 16) if k < len(cost)}
 
 
-METHOD_NAMES = ("greedy", "pld", "tasc-spec", "tasc-spec-ref", "context-only")
+METHOD_NAMES = ("greedy", "pld", "tasc-spec", "tasc-spec-ref", "context-only", "ft-only", "tasc-ft", "tasc-ft+spec")
+MODEL_OF = {"ft-only": "ft-only", "tasc-ft": "tasc-ft", "tasc-ft+spec": "tasc-ft"}
+
+
+def _other_model(name: str, models: dict | None):
+    key = MODEL_OF[name]
+    if not models or key not in models:
+        raise ValueError(f"method {name!r} needs the {key!r} model (bench --ft-model / --ft-only-model)")
+    return models[key]
 
 
 def build_methods(names: Sequence[str], lm, cfg: DecodeConfig, system_prompt: str | None, chat_template: bool,
-                  drafts: dict[str, BoundDraft | None], cost: Sequence[float]) -> list:
-    """Benchmark methods by name over one loaded model.
+                  drafts: dict[str, BoundDraft | None], cost: Sequence[float], models: dict | None = None) -> list:
+    """Benchmark methods by name over one loaded model, plus TASC-ft models.
 
-    drafts: bound drafts by role, "main" (on-policy where available) and "references"."""
+    drafts: bound drafts by role, "main" (on-policy where available), "references" and
+    "tasc-ft" (the main draft's text bound to the tasc-ft tokenizer with
+    ``BoundDraft.from_corpus(draft, tok)``; a draft bound to another tokenizer would not fit).
+    models: extra LoadedModels, "ft-only" (fine-tuned, base vocabulary) and "tasc-ft"
+    (expanded vocabulary). ``ft-only`` and ``tasc-ft`` decode greedily with their model;
+    ``tasc-ft+spec`` verifies the "tasc-ft" draft with the tasc-ft model (lossless)."""
     from tasc.bench import Method
 
     made = []
     for name in names:
+        if name in MODEL_OF:
+            other = _other_model(name, models)
+            spec = name.endswith("+spec")
+            made.append(Method(name, engine_runner(other, cfg, system_prompt, chat_template,
+                                                   drafts.get("tasc-ft") if spec else None, cost, speculative=spec)))
+            continue
         if name == "greedy":
             run = engine_runner(lm, cfg, system_prompt, chat_template, speculative=False)
         elif name == "pld":

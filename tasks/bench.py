@@ -21,8 +21,9 @@ from tasc.spec import load_spec
 @task(name="benchmark")
 def run_bench(spec_path: str, corpus: dict, model: str, methods: list[str], limit: int | None = 20,
               dtype: str = "auto", drafts: dict[str, str] | None = None, report_json: str | None = None,
-              threads: int | None = None, split: str = "test") -> dict:
-    """Benchmark ``methods`` for one model; returns the report's summary and file paths."""
+              threads: int | None = None, split: str = "test", extra_models: dict[str, str] | None = None) -> dict:
+    """Benchmark ``methods`` for one model; returns the report's summary and file paths.
+    extra_models: "tasc-ft"/"ft-only" -> model folder or id, loaded with the same dtype."""
     log = get_run_logger()
     if threads:
         torch.set_num_threads(threads)
@@ -33,21 +34,25 @@ def run_bench(spec_path: str, corpus: dict, model: str, methods: list[str], limi
     if rows.empty:
         raise ValueError(f"the {split} split of {spec.name} is empty; nothing to benchmark")
     lm = load_model(model, dtype=dtype)
+    extra = {k: load_model(v, dtype=dtype) for k, v in (extra_models or {}).items()}
     bound = {}
     for role, path in (drafts or {}).items():
         d = read_draft(path)
         check_compatible(d, corpus["version"])
         bound[role] = BoundDraft.from_corpus(d, lm.tokenizer)
+        if role == "main" and "tasc-ft" in extra:  # the text draft, bound to the expanded tokenizer
+            bound["tasc-ft"] = BoundDraft.from_corpus(d, extra["tasc-ft"].tokenizer)
     cost = measure_verify_cost(lm.model)
     cfg = DecodeConfig(max_new_tokens=spec.generation.max_new_tokens, stop=spec.generation.stop)
-    made = build_methods(methods, lm, cfg, spec.system_prompt, spec.chat_template, bound, cost)
+    made = build_methods(methods, lm, cfg, spec.system_prompt, spec.chat_template, bound, cost, extra)
     t0 = time.time()
     report = run_benchmark(made, rows["prompt"].tolist(), rows.to_dict("records"), spec.metric,
                            ids=rows["id"].tolist(), progress=lambda d, n: log.info("benchmark %d/%d", d, n))
     report.update(spec=spec.name, model=model, corpus_version=corpus["version"], split=split,
                   environment=environment(str(lm.dtype).replace("torch.", ""), lm.device),
                   verify_cost=verify_cost_summary(cost), wall_s=time.time() - t0,
-                  drafts={k: {"path": v, "tokens": bound[k].num_tokens} for k, v in (drafts or {}).items()})
+                  drafts={k: {"path": v, "tokens": bound[k].num_tokens} for k, v in (drafts or {}).items()},
+                  extra_models=extra_models or {})
     paths = write_report(report, report_dir(spec.name, time.strftime("%Y%m%d-%H%M%S")), report_json)
     return {"paths": paths, "speedup_vs_greedy": report["speedup_vs_greedy"],
             "methods": {k: {m: v for m, v in e.items() if m != "differing_ids"} for k, e in report["methods"].items()},
