@@ -244,7 +244,9 @@ def measure_verify_cost(model, max_len: int = 17, context: int = 160, reps: int 
     """Relative cost of an m-token forward pass, cost[m] = time(m) / time(1), m = 0..max_len.
 
     float64 (max_len + 1,); cost[0] = 0. Measured after a prefill of ``context`` tokens, with
-    the median of ``reps`` runs per length, interleaved so drift hits all lengths alike."""
+    the fastest of ``reps`` runs per length (interference only ever adds time), interleaved so
+    drift hits all lengths alike. A k-token pass is capped at the cost of k one-token passes,
+    so one stalled measurement cannot switch drafting off."""
     fwd = _Forward(model)
     vocab = model.get_input_embeddings().weight.shape[0]
     rng = np.random.default_rng(0)
@@ -258,8 +260,9 @@ def measure_verify_cost(model, max_len: int = 17, context: int = 160, reps: int 
             fwd(ids, keep=m)
             times[m].append(time.perf_counter() - t)
             fwd.crop(m)
-    med = np.array([np.median(times[m][1:]) for m in lengths])
-    cost = np.interp(np.arange(max_len + 1), lengths, med / med[0])
+    best = np.array([np.min(times[m][1:]) for m in lengths])
+    cost = np.interp(np.arange(max_len + 1), lengths, best / best[0])
+    cost = np.minimum(np.maximum.accumulate(cost), np.arange(max_len + 1, dtype=np.float64))
     cost[0] = 0.0
     cost[1] = 1.0
-    return np.maximum.accumulate(cost)
+    return cost
