@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
@@ -46,7 +47,7 @@ def log_pyfunc(run_id: str, model_dir: str, draft_file: str, config: dict, examp
     """Log model + tokenizer + draft as one pyfunc (models-from-code) in ``run_id``; returns its URI."""
     client()
     signature = infer_signature(
-        model_input=__import__("pandas").DataFrame({"prompt": example_prompts[:2]}),
+        model_input=pd.DataFrame({"prompt": example_prompts[:2]}),
         model_output=["..."] * len(example_prompts[:2]),
         params={"max_new_tokens": int(config.get("max_new_tokens", 128)), "method": "tasc-spec", "temperature": 0.0},
     )
@@ -60,7 +61,7 @@ def log_pyfunc(run_id: str, model_dir: str, draft_file: str, config: dict, examp
                 artifacts={"model": str(model_dir), "draft": str(draft_file), "config": str(cfg)},
                 code_paths=[str(REPO_ROOT / "tasc"), str(REPO_ROOT / "storage")],
                 signature=signature,
-                input_example=__import__("pandas").DataFrame({"prompt": example_prompts[:1]}),
+                input_example=pd.DataFrame({"prompt": example_prompts[:1]}),
                 pip_requirements=pip_requirements(),
             )
     return info.model_uri
