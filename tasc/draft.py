@@ -236,7 +236,8 @@ def context_continuations(context: np.ndarray, max_len: int, levels: Sequence[in
     """Prompt-lookup rows: what followed earlier occurrences of the context's own suffix.
 
     context: int64 (L,). Returns (cont int64 (R, max_len), n matched), the most recent
-    occurrences first (at most 16 rows)."""
+    occurrences first (at most 16 rows). This is the stateless reference; decoding uses
+    ``Proposer``'s incremental index, which must return the same rows (tested)."""
     L = len(context)
     padded = np.concatenate([context, np.full(max_len, SEP, dtype=np.int64)])
     for n in levels:
