@@ -99,6 +99,14 @@ def summarise(outputs: Sequence[Output], scores: Sequence[float], greedy: Sequen
     return entry
 
 
+def spread_sample(frame, limit: int | None):
+    """The first ``limit`` rows in id order: ids are content hashes, so this is a fixed
+    pseudo-random subset spread over the whole split (files are often sorted by class), and
+    a smaller subset is always part of a larger one. frame: DataFrame with an ``id`` column."""
+    ordered = frame.sort_values("id", kind="stable")
+    return ordered if not limit else ordered.iloc[:limit]
+
+
 def run_benchmark(
     methods: Sequence[Method],
     prompts: Sequence[str],

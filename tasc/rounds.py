@@ -174,10 +174,13 @@ def finetune_only(model, tokenizer, train_rows, val_rows, config: FinetuneConfig
 
 def task_metric(model, tokenizer, rows, metric: str, max_new_tokens: int, stop: tuple[str, ...] = (),
                 system_prompt: str | None = None, chat_template: bool = True, limit: int = 8) -> float | None:
-    """Mean task metric of greedy outputs on the first ``limit`` rows (None without rows)."""
+    """Mean task metric of greedy outputs on ``limit`` rows spread over the split (None without rows)."""
+    from tasc.bench import spread_sample
     from tasc.engine import DecodeConfig, generate
     from tasc.metrics import score_many
 
+    if hasattr(rows, "to_dict") and "id" in rows:
+        rows = spread_sample(rows, limit)
     recs = (rows.to_dict("records") if hasattr(rows, "to_dict") else [dict(r) for r in rows])[:limit]
     if not recs or limit <= 0:
         return None

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from storage import corpus as store
 from storage.drafts import read_draft
 from storage.reports import report_dir, write_report
-from tasc.bench import environment, run_benchmark
+from tasc.bench import environment, run_benchmark, spread_sample
 from tasc.draft import BoundDraft, check_compatible
 from tasc.engine import DecodeConfig, measure_verify_cost
 from tasc.models import load_model
@@ -28,9 +28,7 @@ def run_bench(spec_path: str, corpus: dict, model: str, methods: list[str], limi
     if threads:
         torch.set_num_threads(threads)
     spec = load_spec(spec_path)
-    rows = store.read_corpus(corpus["path"], split=split)
-    if limit:
-        rows = rows.iloc[:limit]
+    rows = spread_sample(store.read_corpus(corpus["path"], split=split), limit)
     if rows.empty:
         raise ValueError(f"the {split} split of {spec.name} is empty; nothing to benchmark")
     lm = load_model(model, dtype=dtype)

@@ -7,6 +7,7 @@ from prefect import get_run_logger, task
 
 from storage import corpus as store
 from storage.drafts import draft_path, harvest_path, read_harvest, write_draft, write_harvest
+from tasc.bench import spread_sample
 from tasc.draft import BoundDraft, build_draft_corpus
 from tasc.harvest import harvest
 from tasc.models import load_model
@@ -24,7 +25,7 @@ def harvest_outputs(spec_path: str, corpus: dict, model: str, limit: int | None 
     if path.exists() and len(read_harvest(path)) >= want:
         get_run_logger().info("harvest reused: %s", path)
         return str(path)
-    rows = train.iloc[:want]
+    rows = spread_sample(train, want)
     lm = load_model(model, dtype=dtype)
     log = get_run_logger()
     refs = BoundDraft.from_corpus(build_draft_corpus(train["completion"].tolist()), lm.tokenizer)
