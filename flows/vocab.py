@@ -12,9 +12,9 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.stages import DEFAULT_MODEL, _experiment, bench_flow
+from flows.resume import run_cached
+from flows.stages import DEFAULT_MODEL, _corpus, _experiment, bench_flow
 from storage import vocab_store
-from tasks.corpus import ingest_corpus
 from tasks.draft import build_draft
 from tasks.registry import register_model
 from tasks.tracking import end_run, log_to_run, start_run
@@ -54,7 +54,7 @@ def vocab_rounds_flow(spec: str, corpus: dict, model: str, rounds: int, settings
                       min_token_gain: float = 0.02, max_metric_drop: float = 0.01, dtype: str = "float32",
                       parent_run_id: str | None = None) -> dict:
     """Round 0 (the base) and rounds 1..``rounds`` until ``plateau``; returns base and rounds."""
-    from tasc.finetune import plateau
+    from tasc.rounds import plateau
 
     experiment = _experiment(spec)
     base = vocab_baseline(spec, corpus, model, eval_prompts, dtype)
@@ -73,7 +73,7 @@ def vocab_rounds_flow(spec: str, corpus: dict, model: str, rounds: int, settings
 def register_chosen(spec: str, corpus: dict, chosen: str, run_id: str, limit: int, dtype: str) -> dict:
     """Benchmark the chosen model (greedy vs TASC-spec with the references draft bound to its
     own tokenizer) and register it as the new challenger with that scorecard."""
-    draft = build_draft(spec, corpus, "references", None, None)
+    draft, _ = run_cached(build_draft, spec, corpus, "references", None, None)
     bench = bench_flow(spec, chosen, "greedy,tasc-spec", limit, dtype, drafts={"main": draft, "references": draft},
                        corpus=corpus, parent_run_id=run_id)
     version = register_model(spec, run_id, chosen, draft, bench, corpus, dtype=dtype)
@@ -97,7 +97,7 @@ def vocab_flow(spec: str, model: str = DEFAULT_MODEL, rounds: int = 3, finetune:
     With fine-tuning and ``register_best``, the chosen round's model is benchmarked on
     ``register_limit`` test prompts and registered (challenger). Returns ``{"rounds",
     "chosen" (model folder), "report" (JSON path), "registered", ...}``."""
-    corpus = corpus or ingest_corpus(spec)
+    corpus = corpus or _corpus(spec)
     settings = {"finetune": finetune, "max_steps": max_steps, "tokens_per_round": tokens_per_round,
                 "min_count": min_count}
     experiment = _experiment(spec)

@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,6 +41,7 @@ from tasc.finetune_io import (
     prune_checkpoints,
     resume,
     save_checkpoint,
+    write_final,
 )
 from tasc.finetune_io import ResumeError as ResumeError
 from tasc.models import pick_device
@@ -79,6 +79,12 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
     cpu_threads: int = 0  # torch threads while training on CPU; 0 leaves torch's setting
+    # New vocabulary rows start from an average of other rows and must learn to win the
+    # argmax against their own first piece: they get their own learning rate and, for the
+    # first ``embed_warmup_steps``, are the only weights that train (the rest of the model
+    # then starts from a head that already knows the new tokens).
+    new_token_lr: float | None = None  # None: the same as lr
+    embed_warmup_steps: int = 0
 
     def hash(self) -> str:
         """Hash of every field that changes the trained weights (not those in RESUMABLE)."""
@@ -94,7 +100,7 @@ def cpu_config(**overrides) -> FinetuneConfig:
     about 7 s a step on SNIPS and 11 s on MBPP, 30-45 s per evaluation of 32 rows."""
     base = FinetuneConfig(lr=1e-3, warmup_steps=5, max_steps=60, batch_size=4, grad_accum=1,
                           max_seq_len=256, eval_every=30, max_eval_rows=32, save_every=20,
-                          device="cpu", lora=True, cpu_threads=1)
+                          device="cpu", lora=True, cpu_threads=1, new_token_lr=3e-3, embed_warmup_steps=10)
     return replace(base, **overrides)
 
 
@@ -102,7 +108,7 @@ def gpu_config(**overrides) -> FinetuneConfig:
     """One GPU: full fine-tuning (bf16 autocast), larger batches and more steps."""
     base = FinetuneConfig(lr=1e-4, warmup_steps=30, max_steps=600, batch_size=16, grad_accum=1,
                           max_seq_len=512, eval_every=100, max_eval_rows=256, save_every=100,
-                          device="cuda", lora=False)
+                          device="cuda", lora=False, new_token_lr=2e-3, embed_warmup_steps=100)
     return replace(base, **overrides)
 
 
@@ -115,27 +121,6 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int = 0  # step of the checkpoint this run started from
     tokens_per_s: float | None = None
-
-
-def count_output_tokens(tokenizer, completions) -> np.ndarray:
-    """int64 (N,): tokens of each completion, no special tokens (the before/after measure)."""
-    completions = list(completions)
-    if not completions:
-        return np.zeros(0, np.int64)
-    ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-    return np.fromiter(map(len, ids), np.int64, count=len(ids))
-
-
-def plateau(history: list[dict[str, float]], min_token_gain: float = 0.02, max_metric_drop: float = 0.01) -> bool:
-    """True when another round is not worth it. ``history``: one dict per round, round 0 the
-    base model, with ``tokens`` (total output tokens) and ``metric`` (task score, higher is
-    better). Stops when the last round cut tokens by less than ``min_token_gain`` (a fraction
-    of the previous round's) or lost more than ``max_metric_drop`` of metric."""
-    if len(history) < 2:
-        return False
-    prev, last = history[-2], history[-1]
-    gain = (prev["tokens"] - last["tokens"]) / prev["tokens"] if prev["tokens"] else 0.0
-    return gain < min_token_gain or (prev["metric"] - last["metric"]) > max_metric_drop
 
 
 def completion_loss(model, batch, autocast):
@@ -160,13 +145,18 @@ def completion_loss(model, batch, autocast):
 # ---------------------------------------------------------------------------- training
 
 
-def _lr_lambda(config: FinetuneConfig):
-    warm, total = config.warmup_steps, config.max_steps
+def _lr_lambda(config: FinetuneConfig, new_rows: bool = False):
+    """Warm-up then linear decay. The main schedule starts after the embedding warm-up (zero
+    before it); the new rows' schedule spans the whole run."""
+    total, warm = config.max_steps, max(1, config.warmup_steps)
+    start = 0 if new_rows else min(config.embed_warmup_steps, total)
 
     def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total - step) / max(1, total - warm))
+        if step < start:
+            return 0.0
+        if step - start < warm:
+            return (step - start + 1) / warm
+        return max(0.0, (total - step) / max(1, total - start - warm))
 
     return factor
 
@@ -224,20 +214,6 @@ def _diverged(step: int, what: str, good: Path | None) -> DivergedError:
     return DivergedError(f"training diverged at step {step}: {what}; {where}", step, good)
 
 
-def _write_final(model, tokenizer, out_dir: Path, lora: bool):
-    """Save the trained model (LoRA merged in) and tokenizer to ``out_dir/final``."""
-    if lora:
-        model = model.merge_and_unload()
-    final = out_dir / "final"
-    tmp = out_dir / "final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return model, final
-
-
 @contextlib.contextmanager
 def _torch_threads(n: int):
     import torch
@@ -265,6 +241,8 @@ class _Training:
     opt: Any = None
     sched: Any = None
     good: Path | None = None  # last checkpoint written or resumed from
+    full_emb: Any = None  # full fine-tuning with new rows: the embedding matrix they live in
+    old_rows: Any = None  # bool (V,): rows of full_emb that were there before expansion
 
     def prepare(self, new_token_ids: list[int] | None) -> dict[str, Any]:
         """fp32 weights on the device, LoRA if asked, AdamW + schedule; resume if possible.
@@ -273,27 +251,62 @@ class _Training:
 
         cfg = self.config
         self.model = self.model.float().to(self.device).train()
+        ids = new_token_ids
+        if ids is None:
+            ids = sorted(i for i, t in self.tokenizer.added_tokens_decoder.items() if not t.special)
         if cfg.lora:
-            ids = new_token_ids
-            if ids is None:
-                ids = sorted(i for i, t in self.tokenizer.added_tokens_decoder.items() if not t.special)
             self.model = _wrap_lora(self.model, cfg, ids)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
+        new = self._new_row_params(ids)
+        main = [p for p in self.params if all(p is not q for q in new)]
+        groups = [{"params": main, "lr": cfg.lr}]
+        lambdas = [_lr_lambda(cfg) if new else _lr_lambda(replace(cfg, embed_warmup_steps=0))]
+        if new:
+            groups.append({"params": new, "lr": cfg.new_token_lr or cfg.lr})
+            lambdas.append(_lr_lambda(cfg, new_rows=True))
+        self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambdas)
         self.good = latest_checkpoint(self.out_dir)
         if self.good is None:
             return {"step": 0, "history": []}
         return resume(self.good, self.model, self.opt, self.sched, self.meta)
 
+    def _new_row_params(self, ids: list[int]) -> list:
+        """The parameters that carry the new rows: peft's trainable-token deltas with LoRA; in
+        full fine-tuning the whole embedding matrix, whose OLD rows then get the main learning
+        rate by rescaling their update (``old_rows``)."""
+        import torch
+
+        if not ids:
+            return []
+        if self.config.lora:
+            return [p for n, p in self.model.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad]
+        emb = self.model.get_input_embeddings().weight
+        self.old_rows = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
+        self.old_rows[torch.as_tensor(ids, device=emb.device)] = False
+        self.full_emb = emb
+        return [emb]
+
     def update(self, step: int) -> None:
         """Clip, check and apply the accumulated gradients of step ``step`` (1-based)."""
         import torch
 
+        warming = len(self.opt.param_groups) > 1 and step <= self.config.embed_warmup_steps
+        if warming:  # only the new rows learn: no gradient means AdamW leaves a weight alone
+            for p in self.opt.param_groups[0]["params"]:
+                p.grad = None
+            if self.full_emb is not None and self.full_emb.grad is not None:
+                self.full_emb.grad[self.old_rows] = 0.0
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         if not torch.isfinite(norm):
             raise _diverged(step, f"gradient norm is {float(norm)}", self.good)
+        before = self.full_emb.detach()[self.old_rows].clone() if self.full_emb is not None and not warming else None
         self.opt.step()
+        if before is not None:  # per-row learning rate: old rows move at the main group's rate
+            scale = self.opt.param_groups[0]["lr"] / max(self.opt.param_groups[1]["lr"], 1e-30)
+            with torch.no_grad():
+                w = self.full_emb
+                w[self.old_rows] = before + (w[self.old_rows] - before) * scale
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -332,7 +345,7 @@ def finetune(model, tokenizer, train_rows, val_rows, config: FinetuneConfig | No
     with _torch_threads(config.cpu_threads if device == "cpu" else 0):
         state = run.prepare(new_token_ids)
         history, rate = _loop(run, train, val[: config.max_eval_rows], state, progress)
-        _, final = _write_final(run.model, tokenizer, out_dir, config.lora)
+        _, final = write_final(run.model, tokenizer, out_dir, config.lora)
     recent = [h["loss"] for h in history[-10:]]
     val_losses = [h["val_loss"] for h in history if h.get("val_loss") is not None]
     return FinetuneResult(len(history), float(np.mean(recent)) if recent else None,

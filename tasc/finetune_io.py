@@ -209,3 +209,17 @@ def resume(ckpt: Path, model, opt, sched, meta: dict[str, Any]) -> dict[str, Any
     sched.load_state_dict(trainer["scheduler"])
     _set_rng_state(trainer["rng"])
     return state
+
+
+def write_final(model, tokenizer, out_dir: Path, lora: bool):
+    """Save the trained model (LoRA merged in) and tokenizer to ``out_dir/final``."""
+    if lora:
+        model = model.merge_and_unload()
+    final = out_dir / "final"
+    tmp = out_dir / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return model, final

@@ -22,9 +22,30 @@ from typing import Any
 
 import numpy as np
 
-from tasc.finetune import FinetuneConfig, count_output_tokens, cpu_config, evaluate, finetune, gpu_config
+from tasc.finetune import FinetuneConfig, cpu_config, evaluate, finetune, gpu_config
 from tasc.finetune_io import encode_rows
 from tasc.vocab import SelectionConfig, expand_tokenizer, resize_and_init, round_trip_report, select_tokens
+
+
+def count_output_tokens(tokenizer, completions) -> np.ndarray:
+    """int64 (N,): tokens of each completion, no special tokens (the before/after measure)."""
+    completions = list(completions)
+    if not completions:
+        return np.zeros(0, np.int64)
+    ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    return np.fromiter(map(len, ids), np.int64, count=len(ids))
+
+
+def plateau(history: list[dict[str, float]], min_token_gain: float = 0.02, max_metric_drop: float = 0.01) -> bool:
+    """True when another round is not worth it. ``history``: one dict per round, round 0 the
+    base model, with ``tokens`` (total output tokens) and ``metric`` (task score, higher is
+    better). Stops when the last round cut tokens by less than ``min_token_gain`` (a fraction
+    of the previous round's) or lost more than ``max_metric_drop`` of metric."""
+    if len(history) < 2:
+        return False
+    prev, last = history[-2], history[-1]
+    gain = (prev["tokens"] - last["tokens"]) / prev["tokens"] if prev["tokens"] else 0.0
+    return gain < min_token_gain or (prev["metric"] - last["metric"]) > max_metric_drop
 
 
 @dataclass(frozen=True)

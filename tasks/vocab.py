@@ -1,6 +1,9 @@
 """TASC-ft vocabulary rounds as tasks: the base measure, one task per round, the ft-only baseline.
 
-Models travel between tasks as folders (the previous round's ``model/``), never pickled."""
+Models travel between tasks as folders (the previous round's ``model/``), never pickled.
+A round folder records the inputs it was made from (``origin.json``); a rerun with the same
+inputs returns a finished round as it is and resumes an interrupted one from its newest
+fine-tuning checkpoint, while other inputs start the round afresh."""
 
 from __future__ import annotations
 
@@ -10,10 +13,18 @@ from prefect import get_run_logger, task
 
 from storage import corpus as store
 from storage import vocab_store
-from tasc.finetune import count_output_tokens
+from tasc.finetune_io import ResumeError
 from tasc.models import load_model, load_tokenizer
-from tasc.rounds import finetune_only, make_config, run_round, task_metric, validation_loss
+from tasc.rounds import (
+    count_output_tokens,
+    finetune_only,
+    make_config,
+    run_round,
+    task_metric,
+    validation_loss,
+)
 from tasc.spec import load_spec
+from tasks.policies import TRANSIENT, fingerprint
 
 
 def _split(corpus: dict, split: str):
@@ -25,7 +36,7 @@ def _metric(spec, lm, val, eval_prompts: int):
                        spec.generation.stop, spec.system_prompt, spec.chat_template, eval_prompts)
 
 
-@task(name="vocab-baseline")
+@task(name="vocab-baseline", **TRANSIENT)
 def vocab_baseline(spec_path: str, corpus: dict, model: str, eval_prompts: int = 8, dtype: str = "float32") -> dict:
     """Round 0: validation tokens and loss with the base model and, with eval_prompts > 0, the task metric."""
     spec, val, lm = load_spec(spec_path), _split(corpus, "validation"), load_model(model, dtype=dtype)
@@ -37,28 +48,58 @@ def vocab_baseline(spec_path: str, corpus: dict, model: str, eval_prompts: int =
             "model_dir": model}
 
 
-@task(name="vocab-round")
+def _claim(out, origin: str) -> dict | None:
+    """The finished round in ``out`` made from ``origin``, if any; else prepare ``out`` for a
+    run from ``origin``: keep it (its checkpoints) when it was started from the same inputs,
+    empty it otherwise."""
+    done = out / "round.json"
+    if done.exists() and (s := vocab_store.read_json(done)).get("origin") == origin and (out / "model").is_dir():
+        return s
+    _prepare(out, origin)
+    return None
+
+
+def _prepare(out, origin: str) -> None:
+    """Keep ``out`` (its checkpoints) when it was started from ``origin``, else empty it."""
+    mark = out / "origin.json"
+    if not mark.exists() or vocab_store.read_json(mark).get("origin") != origin:
+        shutil.rmtree(out, ignore_errors=True)
+    vocab_store.write_json({"origin": origin}, mark)
+
+
+@task(name="vocab-round", **TRANSIENT)
 def vocab_round(spec_path: str, corpus: dict, base_model: str, current_model: str, index: int, settings: dict,
                 eval_prompts: int = 8, dtype: str = "float32") -> dict:
     """Round ``index``: expand the current model's vocabulary (and fine-tune), save and measure."""
     spec, train, val = load_spec(spec_path), _split(corpus, "train"), _split(corpus, "validation")
     out = vocab_store.round_dir(spec.name, corpus["version"], index)
-    shutil.rmtree(out, ignore_errors=True)  # a rerun starts the round afresh
-    lm = load_model(current_model, dtype=dtype)
-    res = run_round(lm.model, load_tokenizer(base_model), lm.tokenizer, train, val, make_config(**settings), out,
-                    spec.chat_template, spec.system_prompt)
-    lm.model, lm.tokenizer = res.model, res.tokenizer
-    res.metric = _metric(spec, lm, val, eval_prompts) if eval_prompts > 0 else None
+    origin = fingerprint([corpus["version"], base_model, current_model, index, settings, eval_prompts, dtype])
+    if (done := _claim(out, origin)) is not None:
+        get_run_logger().info("round %d: finished before with the same inputs, reused", index)
+        return done
+    try:
+        res = _run_round(spec, train, val, base_model, current_model, settings, out, dtype)
+    except ResumeError:  # checkpoints of an incompatible run: train from scratch
+        shutil.rmtree(out / "finetune", ignore_errors=True)
+        res = _run_round(spec, train, val, base_model, current_model, settings, out, dtype)
+    res.metric = _metric(spec, res, val, eval_prompts) if eval_prompts > 0 else None  # res has model, tokenizer
     summary = res.summary() | {"round": index, "tokens": int(count_output_tokens(res.tokenizer,
-                               val["completion"].tolist()).sum()), "settings": settings}
+                               val["completion"].tolist()).sum()), "settings": settings, "origin": origin}
     summary["selection"] = str(vocab_store.write_selection(res.selection.table, out / "selection.parquet", index,
                                                           {"task": spec.name, "base_model": base_model}))
-    summary["round_json"] = str(vocab_store.write_json(summary, out / "round.json"))
+    summary["round_json"] = str(out / "round.json")
+    vocab_store.write_json(summary, out / "round.json")  # last: it marks the round finished
     get_run_logger().info("round %d: +%d tokens, reduction %.3f", index, res.added_tokens, res.token_reduction)
     return summary
 
 
-@task(name="vocab-ft-only")
+def _run_round(spec, train, val, base_model: str, current_model: str, settings: dict, out, dtype: str):
+    lm = load_model(current_model, dtype=dtype)
+    return run_round(lm.model, load_tokenizer(base_model), lm.tokenizer, train, val, make_config(**settings), out,
+                     spec.chat_template, spec.system_prompt)
+
+
+@task(name="vocab-ft-only", **TRANSIENT)
 def ft_only_baseline(spec_path: str, corpus: dict, model: str, settings: dict, dtype: str = "float32") -> dict:
     """The fine-tune-only baseline at the rounds' training budget (one round's steps)."""
     spec, train, val = load_spec(spec_path), _split(corpus, "train"), _split(corpus, "validation")
@@ -67,4 +108,5 @@ def ft_only_baseline(spec_path: str, corpus: dict, model: str, settings: dict, d
         raise ValueError("ft-only needs fine-tuning; it is the baseline of fine-tuned rounds")
     lm = load_model(model, dtype=dtype)
     out = vocab_store.ft_only_dir(spec.name, corpus["version"])
+    _prepare(out, fingerprint([corpus["version"], model, settings, dtype]))
     return finetune_only(lm.model, lm.tokenizer, train, val, config, out, spec.chat_template, spec.system_prompt)

@@ -12,13 +12,12 @@ from tasc.finetune import (
     DivergedError,
     FinetuneConfig,
     ResumeError,
-    count_output_tokens,
     cpu_config,
     finetune,
     gpu_config,
-    plateau,
 )
 from tasc.finetune_io import collate, encode_rows
+from tasc.rounds import count_output_tokens, plateau
 from tasc.vocab import expand_tokenizer, resize_and_init
 from tests.test_vocab import snips_completions
 
@@ -183,3 +182,42 @@ def test_presets():
     assert cpu_config().device == "cpu" and gpu_config().device == "cuda"
     assert cpu_config(max_steps=3).max_steps == 3
     assert FinetuneConfig().hash() == FinetuneConfig(max_steps=7, device="cuda").hash() != FinetuneConfig(lr=1).hash()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_embedding_warmup_trains_only_new_rows_first(tiny_model_dir, tiny_tokenizer, new_tokenizer, rows, tmp_path,
+                                                     lora):
+    new_id = new_tokenizer.convert_tokens_to_ids(TOKENS[0])
+    cfg = small(max_steps=2, embed_warmup_steps=2, new_token_lr=1e-2, lora=lora, lora_r=4)
+    model = fresh_model(tiny_model_dir, tiny_tokenizer, new_tokenizer)
+    emb0 = model.get_input_embeddings().weight.detach().clone()
+    layer0 = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    res = finetune(model, new_tokenizer, rows[:20], rows[20:], cfg, tmp_path / "warm", progress=False)
+    from transformers import AutoModelForCausalLM
+
+    after = AutoModelForCausalLM.from_pretrained(res.checkpoint_dir)
+    emb = after.get_input_embeddings().weight.detach()
+    old = [i for i in range(emb0.shape[0]) if i < len(tiny_tokenizer)]
+    assert not np.allclose(emb[new_id], emb0[new_id])  # the new rows learned
+    assert np.allclose(emb[old], emb0[old])  # nothing else did
+    assert np.allclose(after.model.layers[0].mlp.up_proj.weight.detach(), layer0)
+
+
+def test_new_rows_get_their_own_learning_rate(tiny_model_dir, tiny_tokenizer, new_tokenizer, rows, tmp_path):
+    new_id = new_tokenizer.convert_tokens_to_ids(TOKENS[0])
+
+    def moved(new_token_lr):
+        model = fresh_model(tiny_model_dir, tiny_tokenizer, new_tokenizer)
+        emb0 = model.get_input_embeddings().weight.detach().clone()
+        res = finetune(model, new_tokenizer, rows[:20], rows[20:],
+                       small(max_steps=3, warmup_steps=1, lr=1e-3, new_token_lr=new_token_lr),
+                       tmp_path / str(new_token_lr), progress=False)
+        emb = res and model.get_input_embeddings().weight.detach()
+        return float((emb[new_id] - emb0[new_id]).norm()), float((emb[5] - emb0[5]).norm())
+
+    new_fast, old_fast = moved(1e-2)
+    new_same, old_same = moved(None)
+    # Adam steps are about lr per weight: 10x the rate moves the new row about 10x as far,
+    # while an old row moves the same in both runs.
+    assert new_fast > 5 * new_same
+    assert old_fast == pytest.approx(old_same, rel=0.05) and old_same > 0
