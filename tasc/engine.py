@@ -101,7 +101,7 @@ class _Forward:
             self.cache.crop(-n_remove)
 
 
-def _first_stop(tokenizer, ids: list[int], start: int, stop: tuple[str, ...]) -> int | None:
+def first_stop(tokenizer, ids: list[int], start: int, stop: tuple[str, ...]) -> int | None:
     """Smallest t > start such that ids[:t] decodes to a text containing a stop string."""
     for t in range(start + 1, len(ids) + 1):
         text = tokenizer.decode(ids[:t], skip_special_tokens=True)
@@ -110,12 +110,12 @@ def _first_stop(tokenizer, ids: list[int], start: int, stop: tuple[str, ...]) ->
     return None
 
 
-def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     cuts = [text.index(s) for s in stop if s in text]
     return text[: min(cuts)] if cuts else text
 
 
-def _verify(logits: torch.Tensor, draft: np.ndarray, temperature: float, gen: torch.Generator | None) -> tuple[int, int]:
+def verify_draft(logits: torch.Tensor, draft: np.ndarray, temperature: float, gen: torch.Generator | None) -> tuple[int, int]:
     """Accept a prefix of ``draft`` against logits (k+1, V); returns (n_accepted, next token)."""
     k = len(draft)
     if temperature <= 0:
@@ -146,7 +146,7 @@ def decode(model, tokenizer, prompt_ids: list[int], proposer: Proposer | None, c
     fwd = _Forward(model)
     # Step 0: prefill the prompt; only the last position's logits are needed.
     first = fwd(prompt_ids, keep=1)
-    _, tok = _verify(first, np.empty(0, dtype=np.int64), cfg.temperature, gen)
+    _, tok = verify_draft(first, np.empty(0, dtype=np.int64), cfg.temperature, gen)
     out: list[int] = [tok]
     ctx = np.empty(len(prompt_ids) + cfg.max_new_tokens + 64, dtype=np.int64)
     ctx[: len(prompt_ids)] = prompt_ids
@@ -160,7 +160,7 @@ def decode(model, tokenizer, prompt_ids: list[int], proposer: Proposer | None, c
         if len(out) >= cfg.max_new_tokens:
             out = out[: cfg.max_new_tokens]
             break
-        if cfg.stop and _first_stop(tokenizer, out, len(out) - 1, cfg.stop) is not None:
+        if cfg.stop and first_stop(tokenizer, out, len(out) - 1, cfg.stop) is not None:
             break
         # Step 2: propose a draft (possibly empty) from the task and context n-grams.
         draft = probs = np.empty(0, dtype=np.int64)
@@ -173,7 +173,7 @@ def decode(model, tokenizer, prompt_ids: list[int], proposer: Proposer | None, c
         # Step 3: one forward pass over [last token, draft...] verifies the whole draft.
         logits = fwd([out[-1], *draft.tolist()], keep=len(draft) + 1)
         # Step 4: accept the longest agreeing prefix plus the model's own next token.
-        n_acc, tok = _verify(logits, draft, cfg.temperature, gen)
+        n_acc, tok = verify_draft(logits, draft, cfg.temperature, gen)
         new = [*draft[:n_acc].tolist(), tok]
         # Step 5: roll the KV cache back over the rejected draft tokens.
         fwd.crop(len(draft) - n_acc)
@@ -188,7 +188,7 @@ def decode(model, tokenizer, prompt_ids: list[int], proposer: Proposer | None, c
             if t in stops or len(out) >= cfg.max_new_tokens:
                 break
         if cfg.stop:
-            hit = _first_stop(tokenizer, out, len(out) - len(new), cfg.stop)
+            hit = first_stop(tokenizer, out, len(out) - len(new), cfg.stop)
             if hit is not None:
                 out = out[:hit]
                 break
@@ -196,7 +196,7 @@ def decode(model, tokenizer, prompt_ids: list[int], proposer: Proposer | None, c
         n_ctx += len(new)
     text = tokenizer.decode(out, skip_special_tokens=True)
     if cfg.stop:
-        text = _cut_at_stop(text, cfg.stop)
+        text = cut_at_stop(text, cfg.stop)
     stats.new_tokens = len(out)
     stats.chars = len(text)
     stats.forward_passes = fwd.passes

@@ -14,7 +14,7 @@ import torch
 
 from tasc import engine
 from tasc.draft import SEP, BoundDraft, build_draft_corpus
-from tasc.engine import DecodeConfig, _verify, decode, encode_prompts, measure_verify_cost
+from tasc.engine import DecodeConfig, decode, encode_prompts, measure_verify_cost, verify_draft
 from tasc.proposer import Proposer
 
 PROMPTS = [
@@ -204,7 +204,7 @@ def _empirical_first_token(
     draft = np.array([draft_tok], dtype=np.int64)
     accepted = 0
     for _ in range(trials):
-        n, tok = _verify(logits, draft, temperature, gen)
+        n, tok = verify_draft(logits, draft, temperature, gen)
         first = draft_tok if n == 1 else tok
         accepted += n
         counts[first] += 1
@@ -226,13 +226,13 @@ def test_sampling_accept_reject_preserves_distribution():
 def test_sampling_without_draft_and_greedy_verify():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0], [0.0, 0.0, 4.0]])
     # Greedy: accept while the draft agrees with the argmax, then emit the argmax.
-    assert _verify(logits, np.array([1, 0], dtype=np.int64), 0.0, None) == (2, 2)
-    assert _verify(logits, np.array([1, 2], dtype=np.int64), 0.0, None) == (1, 0)
-    assert _verify(logits, np.array([0, 0], dtype=np.int64), 0.0, None) == (0, 1)
+    assert verify_draft(logits, np.array([1, 0], dtype=np.int64), 0.0, None) == (2, 2)
+    assert verify_draft(logits, np.array([1, 2], dtype=np.int64), 0.0, None) == (1, 0)
+    assert verify_draft(logits, np.array([0, 0], dtype=np.int64), 0.0, None) == (0, 1)
     # Sampling with a very low temperature behaves like argmax; a rejected token is never re-emitted.
     gen = torch.Generator().manual_seed(0)
     for _ in range(50):
-        n, tok = _verify(logits, np.array([0], dtype=np.int64), 0.05, gen)
+        n, tok = verify_draft(logits, np.array([0], dtype=np.int64), 0.05, gen)
         assert (n, tok) == (0, 1)
 
 
