@@ -370,8 +370,11 @@ def _loop(run: _Training, train: list[Example], val: list[Example], state: dict[
             raise _diverged(step + 1, f"loss is {loss}", run.good)
         run.update(step + 1)
         step, seen, elapsed = step + 1, seen + tokens, time.perf_counter() - t0
-        entry = {"step": step, "loss": loss, "lr": run.sched.get_last_lr()[0],
-                 "tokens_per_s": seen / max(elapsed, 1e-9), "elapsed_s": elapsed}
+        lrs = run.sched.get_last_lr()
+        entry = {"step": step, "loss": loss, "lr": lrs[0], "tokens_per_s": seen / max(elapsed, 1e-9),
+                 "elapsed_s": elapsed}
+        if len(lrs) > 1:
+            entry["lr_new_rows"] = lrs[1]
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             entry["val_loss"] = evaluate(run.model, val, cfg.batch_size, pad, run.device, autocast)
         history.append(entry)
