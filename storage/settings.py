@@ -5,7 +5,8 @@ Everything tasc writes by default lives under one state folder (``TASC_HOME``, d
 database and artifact folder, and ``PREFECT_HOME`` for the ephemeral Prefect API.
 ``configure()`` is idempotent and never overrides a variable the user already set, so a
 tracking server (``MLFLOW_TRACKING_URI``) or a Prefect server (``PREFECT_API_URL``)
-take over where they are configured.
+take over where they are configured. The pipeline's execution settings (task runner,
+Dask cluster, n-gram shards, the ``TASC_FAIL_AT`` test hook) are read here too.
 """
 
 from __future__ import annotations
@@ -52,6 +53,39 @@ def harvest_dir() -> Path:
 
 def reports_dir() -> Path:
     return state_dir() / "reports"
+
+
+def prefect_results_dir() -> Path:
+    """Where Prefect persists the results of cached steps (and their cache records), so a
+    re-run with the same inputs, in this process or another, resumes instead of recomputing."""
+    return state_dir() / "prefect-results"
+
+
+def task_runner_name() -> str:
+    """``TASC_TASK_RUNNER``: ``thread`` (default, Prefect's thread pool) or ``dask``."""
+    return os.environ.get("TASC_TASK_RUNNER", "thread").strip().lower() or "thread"
+
+
+def dask_settings() -> dict:
+    """The Dask cluster the ``dask`` runner uses: ``TASC_DASK_ADDRESS`` (a running scheduler,
+    e.g. ``tcp://scheduler:8786``) or a LocalCluster of ``TASC_DASK_WORKERS`` workers (default
+    2), processes unless ``TASC_DASK_PROCESSES=0``."""
+    return {"address": os.environ.get("TASC_DASK_ADDRESS") or None,
+            "workers": int(os.environ.get("TASC_DASK_WORKERS", "2")),
+            "processes": os.environ.get("TASC_DASK_PROCESSES", "1") not in ("0", "false", "no")}
+
+
+def ngram_shards() -> int | None:
+    """``TASC_NGRAM_SHARDS``: corpus shards counted as separate n-gram tasks (unset: 1 with the
+    thread runner, the worker count with Dask)."""
+    value = os.environ.get("TASC_NGRAM_SHARDS")
+    return int(value) if value else None
+
+
+def fail_at() -> str | None:
+    """``TASC_FAIL_AT``: a TEST HOOK. The pipeline raises right after the named stage
+    (ingest, ngrams, vocab, finetune, draft, bench) finished, to exercise resuming."""
+    return os.environ.get("TASC_FAIL_AT") or None
 
 
 def mlflow_tracking_uri() -> str:

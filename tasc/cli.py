@@ -178,16 +178,25 @@ def pipeline(spec: str = typer.Argument("snips"), model: str = MODEL,
              limit: int = typer.Option(8, help="test prompts to benchmark"),
              harvest_limit: int = typer.Option(32, help="train prompts for the on-policy draft"),
              methods: str = typer.Option("greedy,pld,tasc-spec,tasc-spec-ref"), dtype: str = DTYPE,
+             vocab_rounds: int = typer.Option(0, help="TASC-ft vocabulary rounds (0: TASC-spec on the base model)"),
+             round_steps: int | None = typer.Option(None, help="fine-tuning steps per round (default: the device "
+                                                    "config; 0: expansion only)"),
+             finetune_steps: int = typer.Option(0, help="fine-tuning steps of the chosen round's model (resumable)"),
+             task_runner: str | None = typer.Option(None, help="thread | dask (default: TASC_TASK_RUNNER)"),
+             ngram_shards: int | None = typer.Option(None, help="count the n-grams in this many shard tasks"),
              register: bool = typer.Option(True, help="register in MLflow and run the promotion rule"),
              force: bool = typer.Option(False, help="rerun even when data and config are unchanged")):
-    """Run the end-to-end pipeline (ingest -> n-grams -> draft -> benchmark) on the local defaults."""
+    """Run the end-to-end pipeline (ingest -> n-grams -> [TASC-ft rounds -> fine-tune] -> draft ->
+    benchmark -> register) on the local defaults; a re-run after a failure resumes."""
     home = _setup_home()
     from flows.pipeline import PipelineParams
     from flows.pipeline import pipeline as run
     from storage.tracking import run_url
 
-    out = run(PipelineParams(spec=spec, model=model, limit=limit, harvest_limit=harvest_limit,
-                             methods=methods, dtype=dtype, register_model=register, force=force))
+    out = run(PipelineParams(spec=spec, model=model, limit=limit, harvest_limit=harvest_limit, methods=methods,
+                             dtype=dtype, vocab_rounds=vocab_rounds, round_steps=round_steps,
+                             finetune_max_steps=finetune_steps, task_runner=task_runner, ngram_shards=ngram_shards,
+                             register_model=register, force=force))
     if out.get("skipped"):
         typer.echo(f"unchanged since MLflow run {out['previous_run_id']}; nothing to do (--force reruns)")
         return
@@ -196,6 +205,10 @@ def pipeline(spec: str = typer.Argument("snips"), model: str = MODEL,
     typer.echo(f"state folder: {home}\ncorpus: {out['corpus']['path']}\nn-gram tables: {out['ngrams']['text']}, "
                f"{out['ngrams']['token']}\ndraft: {out['drafts']['main']}\nreport: {b['paths']['json']}\n"
                f"chart: {b['paths']['chart']}\nMLflow: {run_url(out['mlflow_run_id'])}")
+    if out.get("tasc_ft"):
+        ft = out["tasc_ft"].get("finetune")
+        typer.echo(f"TASC-ft model: {out['model']}" + (f" ({ft['steps']} fine-tuning steps, resumed from step "
+                                                      f"{ft['resumed_from']})" if ft else ""))
     if out.get("promotion"):
         p = out["promotion"]
         typer.echo(f"registry: version {p['version']} {'promoted to champion' if p['promoted'] else 'stays challenger'}"

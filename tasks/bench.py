@@ -16,9 +16,10 @@ from tasc.engine import DecodeConfig, measure_verify_cost
 from tasc.models import load_model
 from tasc.runners import build_methods, verify_cost_summary
 from tasc.spec import load_spec
+from tasks.policies import TRANSIENT
 
 
-@task(name="benchmark")
+@task(name="benchmark", **TRANSIENT)
 def run_bench(spec_path: str, corpus: dict, model: str, methods: list[str], limit: int | None = 20,
               dtype: str = "auto", drafts: dict[str, str] | None = None, report_json: str | None = None,
               threads: int | None = None, split: str = "test", extra_models: dict[str, str] | None = None) -> dict:

@@ -5,15 +5,19 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from storage import corpus as store
+from storage.drafts import model_key
 from storage.ngram_tables import write_ngram_table
 from storage.settings import ngrams_dir
 from tasc.ingest import fingerprint_sources, ingest
 from tasc.models import load_tokenizer
 from tasc.ngrams import count_text_ngrams, count_token_ngrams
 from tasc.spec import load_spec
+from tasks.policies import IngestInputs, StepInputs, cached
+
+NGRAM_CODE = ("tasc.ngrams", "tasc.ngram_shards", "storage.ngram_tables", "storage.ngram_shards")
 
 
-@task(name="ingest")
+@task(name="ingest", **cached(IngestInputs(modules=("tasc.ingest", "tasc.readers", "tasc.spec", "storage.corpus"))))
 def ingest_corpus(spec_path: str, policy: str | None = None) -> dict:
     """Versioned corpus for the spec; a no-op when the spec and source files are unchanged."""
     spec = load_spec(spec_path)
@@ -30,12 +34,23 @@ def ingest_corpus(spec_path: str, policy: str | None = None) -> dict:
     return {"path": str(path), "version": version, "manifest": result.manifest, "reused": False}
 
 
-@task(name="ngram-tables")
+def tables_dir(task_name: str, version: str, model: str, max_n: int, min_count: int):
+    """One folder per corpus version, tokenizer and settings, so a cached result never
+    names a table that a run with other settings has since rewritten."""
+    return ngrams_dir() / task_name / version / f"{model_key(model)}-n{max_n}-c{min_count}"
+
+
+def shards_dir(task_name: str, version: str, model: str, max_n: int, shards: int):
+    """Per-shard counts (every n-gram, no min_count) of one sharding."""
+    return ngrams_dir() / task_name / version / f"{model_key(model)}-n{max_n}-shards-{shards}"
+
+
+@task(name="ngram-tables", **cached(StepInputs(modules=NGRAM_CODE)))
 def build_ngram_tables(corpus: dict, task_name: str, model: str, max_n: int = 8, min_count: int = 2) -> dict:
     """Text-level and token-level n-gram tables of the train completions, as Parquet."""
     texts = store.read_corpus(corpus["path"], split="train")["completion"].tolist()
     tok = load_tokenizer(model)
-    out = ngrams_dir() / task_name / corpus["version"]
+    out = tables_dir(task_name, corpus["version"], model, max_n, min_count)
     meta = {"corpus_version": corpus["version"], "model": model}
     text_tab = count_text_ngrams(texts, max_n=max_n, min_count=min_count, tokenizer=tok)
     ids = tok(texts, add_special_tokens=False)["input_ids"]

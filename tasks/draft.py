@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 from prefect import get_run_logger, task
 
@@ -12,17 +14,20 @@ from tasc.draft import BoundDraft, build_draft_corpus
 from tasc.harvest import harvest
 from tasc.models import load_model
 from tasc.spec import load_spec
+from tasks.policies import TRANSIENT, DraftInputs, cached
 
 
-@task(name="harvest", retries=1, retry_delay_seconds=5)
+@task(name="harvest", **TRANSIENT)
 def harvest_outputs(spec_path: str, corpus: dict, model: str, limit: int | None = None, dtype: str = "auto",
                     batch_size: int = 8) -> str:
-    """Run the model over the train prompts; reuses an existing harvest of at least ``limit`` rows."""
+    """Run the model over the train prompts; reuses an existing harvest of at least ``limit``
+    rows written after the model (a model folder rewritten since, e.g. a TASC-ft round run
+    with other settings, is harvested again)."""
     spec = load_spec(spec_path)
     path = harvest_path(spec.name, corpus["version"], model)
     train = store.read_corpus(corpus["path"], split="train")
     want = len(train) if limit is None else min(limit, len(train))
-    if path.exists() and len(read_harvest(path)) >= want:
+    if path.exists() and _newer_than(path, model) and len(read_harvest(path)) >= want:
         get_run_logger().info("harvest reused: %s", path)
         return str(path)
     rows = spread_sample(train, want)
@@ -35,7 +40,13 @@ def harvest_outputs(spec_path: str, corpus: dict, model: str, limit: int | None 
     return str(write_harvest(frame, path, {"model": model, "corpus_version": corpus["version"], "dtype": dtype}))
 
 
-@task(name="build-draft")
+def _newer_than(path, model: str) -> bool:
+    folder = Path(model)
+    files = [f for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else []
+    return all(f.stat().st_mtime_ns <= path.stat().st_mtime_ns for f in files)
+
+
+@task(name="build-draft", **cached(DraftInputs(modules=("tasc.draft", "storage.drafts"))))
 def build_draft(spec_path: str, corpus: dict, source: str = "auto", model: str | None = None,
                 harvest_file: str | None = None) -> str:
     """Build the text draft: references, on-policy, or both; 'auto' takes on-policy where a

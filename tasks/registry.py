@@ -9,9 +9,10 @@ from storage import registry
 from tasc.models import resolve_model
 from tasc.promotion import PromotionPolicy, Scorecard
 from tasc.spec import load_spec
+from tasks.policies import TRANSIENT
 
 
-@task(name="register-model", retries=2, retry_delay_seconds=[5, 20])
+@task(name="register-model", **TRANSIENT)
 def register_model(spec_path: str, run_id: str, model: str, draft_file: str, bench: dict, corpus: dict,
                    method: str = "tasc-spec", dtype: str = "auto") -> str:
     """Log the pyfunc (model + tokenizer + draft) and register it as the new challenger."""
@@ -30,7 +31,7 @@ def register_model(spec_path: str, run_id: str, model: str, draft_file: str, ben
     return version
 
 
-@task(name="promote")
+@task(name="promote", **TRANSIENT)
 def promote_model(spec_path: str, version: str, min_speedup: float = 1.05, max_metric_drop: float = 0.01,
                   metric_floor: float = 0.0) -> dict:
     spec = load_spec(spec_path)

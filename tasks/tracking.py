@@ -10,9 +10,10 @@ from pathlib import Path
 from prefect import task
 
 from storage.tracking import client, experiment_id
+from tasks.policies import TRANSIENT
 
 
-@task(name="start-mlflow-run")
+@task(name="start-mlflow-run", **TRANSIENT)
 def start_run(experiment: str, run_name: str, params: dict, tags: dict | None = None,
               parent_run_id: str | None = None) -> str:
     tags = dict(tags or {})
@@ -25,7 +26,7 @@ def start_run(experiment: str, run_name: str, params: dict, tags: dict | None = 
     return r.info.run_id
 
 
-@task(name="log-mlflow")
+@task(name="log-mlflow", **TRANSIENT)
 def log_to_run(run_id: str, metrics: dict | None = None, artifacts: dict | None = None,
                json_files: dict | None = None, prefix: str = "") -> None:
     """metrics: flat name -> number; artifacts: artifact folder -> local path; json_files: name -> object."""
@@ -46,7 +47,7 @@ def log_to_run(run_id: str, metrics: dict | None = None, artifacts: dict | None 
             c.log_artifact(run_id, str(f))
 
 
-@task(name="end-mlflow-run")
+@task(name="end-mlflow-run", **TRANSIENT)
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=status)
 
@@ -66,7 +67,7 @@ def flat_bench_metrics(summary: dict) -> dict:
     return out
 
 
-@task(name="find-previous-run")
+@task(name="find-previous-run", **TRANSIENT)
 def find_previous_run(experiment: str, run_key: str) -> str | None:
     from storage.tracking import find_finished_run
 

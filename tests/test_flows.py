@@ -55,3 +55,57 @@ def test_unchanged_rerun_is_skipped(pipeline_result, prefect_harness, tiny_model
     again = pipeline(pipeline_result["params"])
     assert again["skipped"] is True
     assert again["previous_run_id"] == pipeline_result["mlflow_run_id"]
+
+
+def _mtimes(*paths) -> list[int]:
+    return [Path(p).stat().st_mtime_ns for p in paths]
+
+
+def test_second_run_hits_the_cache(pipeline_result, prefect_harness):
+    """The deterministic steps do not execute again: Prefect reports them Cached and their
+    files are not rewritten."""
+    from flows.stages import draft_flow, ngrams_flow
+    from tests.prefect_runs import task_states
+
+    out, params = pipeline_result, pipeline_result["params"]
+    files = [out["ngrams"]["text"], out["ngrams"]["token"], out["drafts"]["main"], out["drafts"]["references"]]
+    before = _mtimes(*files)
+    state = ngrams_flow(params.spec, params.model, params.max_n, corpus=out["corpus"], return_state=True)
+    tables = state.result()
+    assert tables["cached"] is True and tables["text"] == out["ngrams"]["text"]
+    assert task_states(state.state_details.flow_run_id)["ngram-tables"] == ["Cached"]
+    state = draft_flow(params.spec, params.model, "auto", params.harvest_limit, "auto", out["corpus"],
+                       return_state=True)
+    assert state.result() == out["drafts"]
+    assert task_states(state.state_details.flow_run_id)["build-draft"] == ["Cached", "Cached"]
+    assert _mtimes(*files) == before
+
+
+def test_cache_hit_whose_files_are_gone_is_recomputed(pipeline_result, prefect_harness):
+    from flows.stages import ngrams_flow
+
+    out, params = pipeline_result, pipeline_result["params"]
+    text = Path(out["ngrams"]["text"])
+    expected = text.read_bytes()
+    text.unlink()
+    tables = ngrams_flow(params.spec, params.model, params.max_n, corpus=out["corpus"])
+    assert tables["cached"] is False and tables["text"] == str(text)
+    assert text.read_bytes() == expected  # deterministic: the same table again
+
+
+def test_fail_at_hook_fails_after_the_named_stage(pipeline_result, prefect_harness, monkeypatch):
+    from flows.pipeline import pipeline
+    from flows.resume import InjectedFailure
+    from storage.tracking import client
+
+    monkeypatch.setenv("TASC_FAIL_AT", "ngrams")
+    params = pipeline_result["params"].model_copy(update={"force": True})
+    state = pipeline(params, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(InjectedFailure, match="after stage 'ngrams'"):
+        state.result()
+    c = client()
+    exp = c.get_experiment_by_name("tasc-prompt-completion")
+    last = c.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = 'pipeline'",
+                         order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert last.info.status == "FAILED"  # the pipeline's MLflow run is closed as failed
