@@ -116,6 +116,10 @@ def bench_flow(spec: str, model: str = DEFAULT_MODEL, methods: str = "greedy,pld
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if drafts is None and any(n.startswith("tasc-spec") or n.endswith("+spec") for n in names):
         drafts = draft_flow(spec, model, "auto", harvest_limit, "auto", corpus, parent_run_id)
+    if "tasc-ft+spec" in names and (extra_models or {}).get("tasc-ft") and "tasc-ft" not in (drafts or {}):
+        # TASC-spec on the TASC-ft model drafts best from that model's own outputs.
+        ft = draft_flow(spec, extra_models["tasc-ft"], "auto", harvest_limit, "auto", corpus, parent_run_id)
+        drafts = {**(drafts or {}), "tasc-ft": ft["main"]}
     summary = run_bench(spec, corpus, model, names, limit, dtype, drafts, report, extra_models=extra_models)
     run_id = start_run(_experiment(spec), "bench", {"spec": spec, "model": model, "methods": methods,
                        "limit": limit, "dtype": summary["environment"]["dtype"], "extra_models": extra_models,

@@ -38,8 +38,10 @@ def run_bench(spec_path: str, corpus: dict, model: str, methods: list[str], limi
     for role, path in (drafts or {}).items():
         d = read_draft(path)
         check_compatible(d, corpus["version"])
-        bound[role] = BoundDraft.from_corpus(d, lm.tokenizer)
-        if role == "main" and "tasc-ft" in extra:  # the text draft, bound to the expanded tokenizer
+        # A "tasc-ft" draft (the fine-tuned model's own outputs) binds to its expanded
+        # tokenizer; without one, the main text draft is bound to it as it is.
+        bound[role] = BoundDraft.from_corpus(d, (extra["tasc-ft"] if role == "tasc-ft" else lm).tokenizer)
+        if role == "main" and "tasc-ft" in extra and "tasc-ft" not in drafts:
             bound["tasc-ft"] = BoundDraft.from_corpus(d, extra["tasc-ft"].tokenizer)
     cost = measure_verify_cost(lm.model)
     cfg = DecodeConfig(max_new_tokens=spec.generation.max_new_tokens, stop=spec.generation.stop)

@@ -153,6 +153,9 @@ def test_bench_flow_runs_the_tasc_ft_methods(prefect_harness, tiny_model_dir, ex
     assert methods["tasc-ft+spec"]["tokens_per_completion"] == methods["tasc-ft"]["tokens_per_completion"]
     report = json.loads(Path(out["paths"]["json"]).read_text())
     assert report["extra_models"] == {"tasc-ft": str(expanded.model_dir)}
+    # tasc-ft+spec drafts from the TASC-ft model's own outputs, bound to its tokenizer.
+    assert set(report["drafts"]) == {"main", "references", "tasc-ft"}
+    assert report["drafts"]["tasc-ft"]["tokens"] > 0
 
 
 def test_help_lists_vocab():
