@@ -11,7 +11,8 @@ pair means "no draft: take a plain one-token step". Three gates decide k:
    cost[k + 1]; no draft is proposed unless that beats a plain step. On CPUs a multi-token
    verify costs noticeably more than one token, so a weak draft would be a net loss;
 3. calibration: the realised acceptance feeds back into a running factor on the estimates,
-   so an over-confident draft source is trusted less as decoding goes on.
+   one per source (task corpus, context), so an over-confident source is trusted less as
+   decoding goes on and a reliable one (a passage the answer copies from) more.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ class Proposer:
             last, slope = self.cost[-1], max(self.cost[-1] - self.cost[-2], 0.0) if len(self.cost) > 2 else 0.0
             extra = last + slope * np.arange(1, n - len(self.cost) + 1)
             self.cost = np.concatenate([self.cost, extra])
-        self.trust = 1.0  # running calibration factor on probability estimates
+        # Running calibration factors on the probability estimates, one per source.
+        self.trust = {"corpus": 1.0, "context": 1.0}
+        self._source = "corpus"  # the source of the last proposal
         # Context n-gram index, kept incrementally: the context only grows during a request.
         self._ctx: list[int] = []
         self._ctx_index: dict[int, dict[tuple, list[int]]] = {n: {} for n in CONTEXT_LEVELS}
@@ -81,17 +84,17 @@ class Proposer:
         best_value = 0.0
         sources = []
         if cfg.use_corpus and self.draft is not None and self.draft.num_tokens:
-            sources.append((self.draft.continuations(context, cfg.max_len), cfg.corpus_prior))
+            sources.append(("corpus", self.draft.continuations(context, cfg.max_len), cfg.corpus_prior))
         if cfg.use_context:
-            sources.append((self._context_rows(context), cfg.context_prior))
-        for (rows, _n), prior in sources:
+            sources.append(("context", self._context_rows(context), cfg.context_prior))
+        for name, (rows, _n), prior in sources:
             if not len(rows):
                 continue
             toks, probs = walk_continuations(rows, cfg.max_len, prior=prior)
-            probs = np.minimum(probs * self.trust, 0.99)
+            probs = np.minimum(probs * self.trust[name], 0.99)
             value = expected_tokens(probs)[-1]
             if value > best_value:
-                best, best_value = (toks, probs), value
+                best, best_value, self._source = (toks, probs), value, name
         toks, probs = best
         if not len(toks):
             return _EMPTY
@@ -130,4 +133,5 @@ class Proposer:
         self.proposed += len(probs)
         self.accepted += n_accepted
         ratio = (n_accepted + 0.5) / (expected + 0.5)
-        self.trust = float(np.clip(0.8 * self.trust + 0.2 * self.trust * ratio, 0.3, 1.5))
+        t = self.trust[self._source]
+        self.trust[self._source] = float(np.clip(0.8 * t + 0.2 * t * ratio, 0.3, 1.5))

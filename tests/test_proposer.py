@@ -101,12 +101,12 @@ def test_update_lowers_trust_after_rejections_and_raises_after_acceptances():
     p = Proposer(_repeated_draft(), ProposerConfig(use_context=False))
     probs = np.full(6, 0.9)
     p.update(probs, 0)
-    assert p.trust < 1.0
-    low = p.trust
+    assert p.trust["corpus"] < 1.0
+    low = p.trust["corpus"]
     for _ in range(50):
         p.update(probs, 0)
-    assert 0.3 <= p.trust < low  # bounded below
-    assert p.trust == pytest.approx(0.3)
+    assert 0.3 <= p.trust["corpus"] < low  # bounded below
+    assert p.trust["corpus"] == pytest.approx(0.3)
     assert p.proposed == 51 * 6 and p.accepted == 0
     # Lower trust scales the estimates down, which shortens the draft under min_prob.
     toks, est = p.propose(CONTEXT)
@@ -115,9 +115,19 @@ def test_update_lowers_trust_after_rejections_and_raises_after_acceptances():
     q = Proposer(None)
     weak = np.full(4, 0.5)
     q.update(weak, 4)
-    assert q.trust > 1.0
+    assert q.trust["corpus"] > 1.0
     for _ in range(50):
         q.update(weak, 4)
-    assert q.trust == pytest.approx(1.5)  # bounded above
+    assert q.trust["corpus"] == pytest.approx(1.5)  # bounded above
     q.update(np.empty(0), 0)  # no draft, no feedback
-    assert q.trust == pytest.approx(1.5) and q.proposed == 51 * 4
+    assert q.trust["corpus"] == pytest.approx(1.5) and q.proposed == 51 * 4
+    assert q.trust["context"] == 1.0  # each source is calibrated on its own proposals
+
+
+def test_trust_is_kept_per_source():
+    p = Proposer(None)  # context n-grams only
+    ctx = np.array([5, 6, 7, 8, 9, 5, 6, 7, 8], dtype=np.int64)
+    toks, probs = p.propose(ctx)
+    assert toks.tolist()[:1] == [9] and p._source == "context"
+    p.update(probs, 0)
+    assert p.trust["context"] < 1.0 and p.trust["corpus"] == 1.0
