@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.files import write_parquet_atomic
 from storage.settings import drafts_dir, harvest_dir
 from tasc.draft import DraftCorpus, DraftError
 
@@ -40,15 +39,6 @@ def harvest_path(task: str, corpus_version: str, model: str) -> Path:
     return harvest_dir() / task / corpus_version / f"{model_key(model)}.parquet"
 
 
-def _atomic_write(table: pa.Table, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    os.close(fd)
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-    return path
-
-
 def write_draft(draft: DraftCorpus, path: str | Path) -> Path:
     meta = {
         b"tasc.schema_version": draft.schema_version.encode(),
@@ -57,7 +47,7 @@ def write_draft(draft: DraftCorpus, path: str | Path) -> Path:
         b"tasc.meta": json.dumps(draft.meta, default=str).encode(),
     }
     table = pa.table({"text": pa.array(list(draft.texts), type=pa.string())}).replace_schema_metadata(meta)
-    return _atomic_write(table, Path(path))
+    return write_parquet_atomic(table, Path(path))
 
 
 def read_draft(path: str | Path) -> DraftCorpus:
@@ -84,7 +74,7 @@ def read_draft(path: str | Path) -> DraftCorpus:
 def write_harvest(frame: pd.DataFrame, path: str | Path, meta: dict) -> Path:
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"tasc.meta": json.dumps(meta).encode()})
-    return _atomic_write(table, Path(path))
+    return write_parquet_atomic(table, Path(path))
 
 
 def read_harvest(path: str | Path) -> pd.DataFrame:

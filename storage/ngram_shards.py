@@ -10,14 +10,13 @@ plus the caller's keys. Files are written to a temporary name and renamed.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.files import write_parquet_atomic
 from tasc.ngram_shards import ShardCounts
 from tasc.ngrams import NgramCounts
 
@@ -40,12 +39,7 @@ def write_shard(counts: ShardCounts, path: str | Path, meta: dict | None = None)
     info = {**(meta or {}), "level": counts.level, "max_n": counts.max_n, "documents": counts.documents,
             "tokens": counts.tokens, "vocab": counts.vocab}
     table = table.replace_schema_metadata({META_KEY: json.dumps(info, ensure_ascii=False).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    os.close(fd)
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-    return path
+    return write_parquet_atomic(table, path)
 
 
 def read_shard(path: str | Path) -> ShardCounts:

@@ -13,14 +13,13 @@ carries ``tasc.round`` and ``tasc.meta`` (JSON) in its Parquet schema metadata.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.files import write_parquet_atomic, write_text_atomic
 from storage.settings import state_dir
 
 
@@ -36,26 +35,11 @@ def ft_only_dir(task: str, corpus_version: str) -> Path:
     return vocab_dir(task, corpus_version) / "ft-only"
 
 
-def _atomic_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-    return path
-
-
 def write_selection(table: pd.DataFrame, path: str | Path, index: int, meta: dict | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     t = pa.Table.from_pandas(table, preserve_index=False)
     t = t.replace_schema_metadata({**(t.schema.metadata or {}), b"tasc.round": str(index).encode(),
                                    b"tasc.meta": json.dumps(meta or {}, default=str).encode()})
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    os.close(fd)
-    pq.write_table(t, tmp, compression="zstd")
-    os.replace(tmp, path)
-    return path
+    return write_parquet_atomic(t, path)
 
 
 def read_selection(path: str | Path) -> pd.DataFrame:
@@ -63,7 +47,7 @@ def read_selection(path: str | Path) -> pd.DataFrame:
 
 
 def write_json(obj: dict, path: str | Path) -> Path:
-    return _atomic_text(Path(path), json.dumps(obj, indent=2, default=str))
+    return write_text_atomic(Path(path), json.dumps(obj, indent=2, default=str))
 
 
 def read_json(path: str | Path) -> dict:

@@ -25,12 +25,12 @@ import pyarrow.compute as pc
 
 from tasc.ngrams import (
     TEXT_SCHEMA,
-    TOKEN_SCHEMA,
     NgramCounts,
     _encoded_lengths,
     _finish,
     count_ngrams,
     encode_texts,
+    token_table,
 )
 
 
@@ -128,20 +128,4 @@ def merged_text_table(shards: Sequence[ShardCounts], min_count: int = 2, tokeniz
 
 def merged_token_table(shards: Sequence[ShardCounts], min_count: int = 2, tokenizer=None) -> pa.Table:
     """The token-level table of the shards' sequences together (== ``count_token_ngrams``)."""
-    levels = merge_levels(shards, min_count)
-    n = np.concatenate([np.full(lv.count.size, lv.n, np.int32) for lv in levels])
-    bounds = np.zeros(n.size + 1, np.int32)
-    np.cumsum(n, out=bounds[1:])
-    flat = np.concatenate([lv.grams.ravel() for lv in levels])
-    count = np.concatenate([lv.count for lv in levels])
-    cols = {
-        "ngram": pa.nulls(n.size, pa.string()),
-        "base_tokens": n,
-        "gain": count * (n.astype(np.int64) - 1),
-        "token_ids": pa.ListArray.from_arrays(pa.array(bounds), pa.array(flat)),
-    }
-    if tokenizer is not None:
-        rows = [flat[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        cols["ngram"] = tokenizer.batch_decode(rows, clean_up_tokenization_spaces=False)
-    meta = {"level": "token", "max_n": shards[0].max_n, "min_count": min_count}
-    return _finish(levels, cols, TOKEN_SCHEMA, meta)
+    return token_table(merge_levels(shards, min_count), shards[0].max_n, min_count, tokenizer)

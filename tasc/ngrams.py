@@ -336,7 +336,11 @@ def count_token_ngrams(
     offsets = np.zeros(lengths.size + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
     ids = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(offsets[-1]))
-    levels = count_ngrams(ids, offsets, max_n, min_count)
+    return token_table(count_ngrams(ids, offsets, max_n, min_count), max_n, min_count, tokenizer)
+
+
+def token_table(levels, max_n: int, min_count: int, tokenizer=None) -> pa.Table:
+    """TOKEN_SCHEMA table of counted levels (``count_ngrams`` output, or merged shards)."""
     n = np.concatenate([np.full(lv.count.size, lv.n, np.int32) for lv in levels])
     bounds = np.zeros(n.size + 1, np.int32)
     np.cumsum(n, out=bounds[1:])
