@@ -12,7 +12,8 @@ export MLFLOW_DISABLE_TELEMETRY=true
 .PHONY: setup demo test lint bench clean
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# A venv left half-made by an interrupted setup has python but no pip: make it again.
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PY) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel; a bare requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q "torch==2.13.0"
