@@ -111,6 +111,8 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
         # With TASC-ft the new model's methods run against the base model's greedy decoding.
         methods, extra, method = ((params.ft_methods, {"tasc-ft": model}, "tasc-ft+spec") if ft
                                   else (params.methods, None, "tasc-spec"))
+        if ft:  # the draft above is already the TASC-ft model's own: bench binds it to its tokenizer
+            drafts = {**drafts, "tasc-ft": drafts["main"]}
         summary = bench_flow(params.spec, params.model, methods, params.limit, params.dtype, drafts=drafts,
                              corpus=corpus, parent_run_id=run_id, extra_models=extra)
         stage_done("bench")

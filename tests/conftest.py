@@ -54,6 +54,14 @@ def tiny_tokenizer(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_lm(tiny_model_dir):
+    """The tiny model loaded for generation (fp32, CPU; one torch thread, set above)."""
+    from tasc.models import load_model
+
+    return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 

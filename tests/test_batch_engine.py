@@ -39,15 +39,8 @@ TIE = 1e-4  # fp32 logits of the tiny model are O(10): a gap this small is round
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_model_dir):
-    from tasc.models import load_model
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield load_model(str(tiny_model_dir), dtype="float32", device="cpu")
-    finally:
-        torch.set_num_threads(threads)
+def lm(tiny_lm):
+    return tiny_lm
 
 
 @pytest.fixture(scope="module")

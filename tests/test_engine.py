@@ -36,15 +36,8 @@ MAX_NEW = 48
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_model_dir):
-    from tasc.models import load_model
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 0.2M-parameter model is fastest (and least disturbed) on one thread
-    try:
-        yield load_model(str(tiny_model_dir), dtype="float32", device="cpu")
-    finally:
-        torch.set_num_threads(threads)
+def lm(tiny_lm):
+    return tiny_lm
 
 
 @pytest.fixture(scope="module")
