@@ -127,7 +127,7 @@ def markdown_table(report: dict) -> str:
     tail = (f"\n\n{report['samples']} samples of {report.get('spec', '?')} ({report.get('model', '?')}), "
             f"batch {report['batch']}, max_new_tokens {report['max_new_tokens']}")
     if env:
-        tail += f"; dtype {env.get('dtype')}, {env.get('threads')} threads, torch {env.get('torch')}, {env.get('cpu')}"
+        tail += f"; dtype {env.get('dtype')}, {env.get('threads')} threads, kernels {env.get('kernels', 'torch')}, torch {env.get('torch')}, {env.get('cpu')}"
     return "\n".join(lines) + tail + "\n"
 
 
@@ -180,7 +180,7 @@ def main() -> None:
     rows = spread_sample(store.read_corpus(path, split=args.split), args.n)
     if rows.empty:
         raise SystemExit(f"the {args.split} split of {spec.name} is empty")
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, kernels="auto")
     draft, draft_src = _find_draft(args.draft, spec.name, path.name, args.model, lm.tokenizer)
     cost = engine.measure_verify_cost(lm.model)
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens or spec.generation.max_new_tokens,
@@ -188,7 +188,7 @@ def main() -> None:
     report = compare(lm, rows["prompt"].tolist(), args.batch, draft, cfg, cost, spec.system_prompt,
                      spec.chat_template, args.warmup, spec.metric, rows.to_dict("records"))
     report.update(spec=spec.name, model=args.model, corpus_version=path.name, split=args.split, draft=draft_src,
-                  environment=environment(str(lm.dtype).replace("torch.", ""), lm.device),
+                  environment=environment(str(lm.dtype).replace("torch.", ""), lm.device, lm.kernels),
                   verify_cost={f"V{k}": float(cost[k]) for k in (2, 4, 8, 16) if k < len(cost)})
     text = json.dumps(report, indent=2, default=str)
     print(text)

@@ -24,7 +24,7 @@ class TascModel(mlflow.pyfunc.PythonModel):
 
         with open(context.artifacts["config"]) as f:
             self.config = json.load(f)
-        self.lm = load_model(context.artifacts["model"], dtype=self.config.get("dtype", "auto"))
+        self.lm = load_model(context.artifacts["model"], dtype=self.config.get("dtype", "auto"), kernels="auto")
         draft = read_draft(context.artifacts["draft"])
         self.draft = BoundDraft.from_corpus(draft, self.lm.tokenizer)
         # The verify-cost table depends on the serving hardware, so it is measured here.

@@ -50,7 +50,7 @@ from tasc.engine import (
     first_stop,
     verify_draft,
 )
-from tasc.proposer import Proposer, ProposerConfig
+from tasc.proposer import Proposer, ProposerConfig, new_trust
 
 _NO_DRAFT = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
 
@@ -275,9 +275,10 @@ def generate_batch(
     ids = encode_prompts(tokenizer, prompts, system_prompt, chat_template)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     results: list[Output | None] = [None] * len(ids)
+    trust = new_trust()  # all proposers of this call share their calibration
     for s in range(0, len(order), batch_size):
         group = order[s : s + batch_size]
-        props = [Proposer(draft, proposer_config, cost) for _ in group] if method == "tasc-spec" else None
+        props = [Proposer(draft, proposer_config, cost, trust) for _ in group] if method == "tasc-spec" else None
         for i, out in zip(group, decode_batch(model, tokenizer, [ids[i] for i in group], props, cfg), strict=True):
             results[i] = out
     return results  # type: ignore[return-value]

@@ -38,7 +38,7 @@ class Method:
     note: str = ""
 
 
-def environment(dtype: str, device: str) -> dict:
+def environment(dtype: str, device: str, kernels: str = "torch") -> dict:
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -52,6 +52,7 @@ def environment(dtype: str, device: str) -> dict:
     return {
         "dtype": dtype,
         "device": device,
+        "kernels": kernels,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cpu": cpu,
@@ -178,7 +179,7 @@ def markdown_table(report: dict) -> str:
     env = report.get("environment", {})
     extra = f"\n\n{report['samples']} samples; metric: {report['metric_name']}"
     if env:
-        extra += f"; dtype {env.get('dtype')}, {env.get('threads')} threads, torch {env.get('torch')}, {env.get('cpu')}"
+        extra += f"; dtype {env.get('dtype')}, {env.get('threads')} threads, kernels {env.get('kernels', 'torch')}, torch {env.get('torch')}, {env.get('cpu')}"
     if report.get("verify_cost"):
         extra += f"; verify cost V(8) = {report['verify_cost'].get('V8', 0):.2f}"
     return head + "\n".join(lines) + extra + "\n"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tasc.draft import BoundDraft
-from tasc.proposer import Proposer, ProposerConfig
+from tasc.proposer import Proposer, ProposerConfig, new_trust
 
 METHODS = ("greedy", "tasc-spec")
 
@@ -232,9 +232,9 @@ def generate(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     cfg = config or DecodeConfig()
-    results = []
+    results, trust = [], new_trust()  # the prompts' proposers share their calibration
     for ids in encode_prompts(tokenizer, prompts, system_prompt, chat_template):
-        proposer = Proposer(draft, proposer_config, cost) if method == "tasc-spec" else None
+        proposer = Proposer(draft, proposer_config, cost, trust) if method == "tasc-spec" else None
         results.append(decode(model, tokenizer, ids, proposer, cfg))
     return results
 

@@ -44,6 +44,7 @@ class LoadedModel:
     name: str
     dtype: Any  # torch.dtype
     device: str
+    kernels: str = "torch"  # what tasc.cpu_kernels.speed_up applied ("torch": nothing)
 
 
 def default_cache_dir() -> Path:
@@ -182,8 +183,14 @@ def load_model(
     cache_dir: Path | None = None,
     dtype: str = "auto",
     device: str = "auto",
+    kernels: str = "torch",
 ) -> LoadedModel:
-    """Load model and tokenizer ready for generation (eval mode, no grad)."""
+    """Load model and tokenizer ready for generation (eval mode, no grad).
+
+    kernels: "torch" keeps transformers' layers; "auto" adds tasc's CPU inference kernels
+    (packed small-batch linears, grouped-query attention: tasc.cpu_kernels) on a CPU in
+    float32, where a k-token verify step then costs little more than a one-token step.
+    Generation, benchmarks and serving ask for "auto"; fine-tuning keeps "torch"."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -207,5 +214,12 @@ def load_model(
         with torch.no_grad():
             for p in model.parameters():
                 p.data = p.data.clone()
+    applied = "torch"
+    if kernels == "auto" and device == "cpu" and torch_dtype == torch.float32:
+        from tasc.cpu_kernels import speed_up
+
+        applied = speed_up(model)
+    elif kernels not in ("auto", "torch"):
+        raise ModelError(f"unknown kernels {kernels!r}; use auto or torch")
     return LoadedModel(model=model, tokenizer=tok, path=Path(path) if Path(path).exists() else Path(),
-                       name=str(name), dtype=torch_dtype, device=device)
+                       name=str(name), dtype=torch_dtype, device=device, kernels=applied)

@@ -12,19 +12,22 @@ pair means "no draft: take a plain one-token step". Three gates decide k:
    verify costs noticeably more than one token, so a weak draft would be a net loss;
 3. calibration: the realised acceptance feeds back into a running factor on the estimates,
    one per source (task corpus, context), so an over-confident source is trusted less as
-   decoding goes on and a reliable one (a passage the answer copies from) more.
+   decoding goes on and a reliable one (a passage the answer copies from) more. The factors
+   are shared by all requests of one ``generate`` call or benchmark method (``trust=``).
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from tasc.draft import SEP, BoundDraft, walk_continuations
+from tasc.draft import SEP, BoundDraft, _draft_kernels, walk_continuations
 
 CONTEXT_LEVELS = (4, 3, 2)
+_LEVELS = np.asarray(CONTEXT_LEVELS, dtype=np.int32)
 _EMPTY = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
 
 
@@ -56,10 +59,19 @@ def best_length(probs: np.ndarray, cost: np.ndarray) -> int:
     return int(np.argmax(gain))  # index 0 is the plain step (gain 1 / cost[1] == 1)
 
 
+def new_trust() -> dict[str, float]:
+    """Fresh calibration factors, one per draft source (1.0: take the estimates as they are)."""
+    return {"corpus": 1.0, "context": 1.0}
+
+
 class Proposer:
     """Thin stateful wrapper over the draft kernels: one per generation request."""
 
-    def __init__(self, draft: BoundDraft | None, config: ProposerConfig | None = None, cost: Sequence[float] | None = None):
+    def __init__(self, draft: BoundDraft | None, config: ProposerConfig | None = None, cost: Sequence[float] | None = None,
+                 trust: dict[str, float] | None = None):
+        """trust: the calibration factors per source, shared by the proposers of one run
+        (:func:`new_trust`) so that what one request learns about the task's drafts (say,
+        that answers copy the passage) carries to the next; None starts afresh."""
         self.draft = draft
         self.config = config or ProposerConfig()
         n = self.config.max_len + 2
@@ -69,7 +81,7 @@ class Proposer:
             extra = last + slope * np.arange(1, n - len(self.cost) + 1)
             self.cost = np.concatenate([self.cost, extra])
         # Running calibration factors on the probability estimates, one per source.
-        self.trust = {"corpus": 1.0, "context": 1.0}
+        self.trust = trust if trust is not None else new_trust()
         self._source = "corpus"  # the source of the last proposal
         # Context n-gram index, kept incrementally: the context only grows during a request.
         self._ctx: list[int] = []
@@ -87,24 +99,47 @@ class Proposer:
             sources.append(("corpus", self.draft.continuations(context, cfg.max_len), cfg.corpus_prior))
         if cfg.use_context:
             sources.append(("context", self._context_rows(context), cfg.context_prior))
+        chain = None  # cumulative product of the chosen probs: P(first i all accepted)
         for name, (rows, _n), prior in sources:
             if not len(rows):
                 continue
             toks, probs = walk_continuations(rows, cfg.max_len, prior=prior)
+            if not len(toks):
+                continue
             probs = np.minimum(probs * self.trust[name], 0.99)
-            value = expected_tokens(probs)[-1]
+            cum = np.cumprod(probs)
+            value = 1.0 + float(cum.sum())  # expected tokens of the whole chunk
             if value > best_value:
-                best, best_value, self._source = (toks, probs), value, name
+                best, best_value, chain, self._source = (toks, probs), value, cum, name
         toks, probs = best
-        if not len(toks):
+        if chain is None:
             return _EMPTY
-        keep = int(np.searchsorted(-np.cumprod(probs), -cfg.min_prob, side="right"))
-        k = best_length(probs[:keep], self.cost)
+        # Fewer numpy calls than best_length(probs[:keep], cost): this runs every step.
+        keep = int(np.searchsorted(-chain, -cfg.min_prob, side="right"))
+        m = min(keep, len(self.cost) - 2)
+        if m <= 0:
+            return _EMPTY
+        gain = np.empty(m + 1)
+        gain[0] = 1.0
+        np.cumsum(chain[:m], out=gain[1:])
+        gain[1:] += 1.0
+        k = int(np.argmax(gain / self.cost[1 : m + 2]))
         return toks[:k], probs[:k]
 
     def _context_rows(self, context: np.ndarray) -> tuple[np.ndarray, int]:
         """Prompt-lookup rows: what followed earlier occurrences of the context's own suffix,
-        most recent first (at most 16), from the longest matching level."""
+        most recent first (at most 16), from the longest matching level. A scan in
+        kernels/draft.c where available (microseconds even for long prompts), else an
+        incremental n-gram index; both give tasc.draft.context_continuations's rows."""
+        lib = _draft_kernels()
+        if lib is not None:
+            context = np.ascontiguousarray(context, dtype=np.int64)
+            width = self.config.max_len
+            out = np.empty((16, width), dtype=np.int64)
+            matched = ctypes.c_int(0)
+            rows = lib.tasc_context_rows(context.ctypes.data, len(context), _LEVELS.ctypes.data, len(_LEVELS), 16,
+                                         width, out.ctypes.data, ctypes.byref(matched))
+            return out[:rows], matched.value
         ctx = self._ctx
         start = len(ctx)
         ctx.extend(context[start:].tolist())

@@ -20,7 +20,7 @@ import torch
 
 from tasc.draft import BoundDraft
 from tasc.engine import DecodeConfig, Output, RequestStats, decode, encode_prompts, eos_ids
-from tasc.proposer import Proposer, ProposerConfig
+from tasc.proposer import Proposer, ProposerConfig, new_trust
 
 
 class _PassCounter:
@@ -45,11 +45,13 @@ class _PassCounter:
 def engine_runner(lm, cfg: DecodeConfig, system_prompt: str | None, chat_template: bool,
                   draft: BoundDraft | None = None, cost: Sequence[float] | None = None,
                   proposer_config: ProposerConfig | None = None, speculative: bool = True):
-    """A runner over engine.decode; ``speculative=False`` gives plain greedy."""
+    """A runner over engine.decode; ``speculative=False`` gives plain greedy. The proposers
+    of one runner share their calibration (see tasc.proposer)."""
+    trust = new_trust()
 
     def run(prompt: str) -> Output:
         ids = encode_prompts(lm.tokenizer, [prompt], system_prompt, chat_template)[0]
-        proposer = Proposer(draft, proposer_config, cost) if speculative else None
+        proposer = Proposer(draft, proposer_config, cost, trust) if speculative else None
         return decode(lm.model, lm.tokenizer, ids, proposer, cfg)
 
     return run

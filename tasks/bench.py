@@ -32,8 +32,8 @@ def run_bench(spec_path: str, corpus: dict, model: str, methods: list[str], limi
     rows = spread_sample(store.read_corpus(corpus["path"], split=split), limit)
     if rows.empty:
         raise ValueError(f"the {split} split of {spec.name} is empty; nothing to benchmark")
-    lm = load_model(model, dtype=dtype)
-    extra = {k: load_model(v, dtype=dtype) for k, v in (extra_models or {}).items()}
+    lm = load_model(model, dtype=dtype, kernels="auto")
+    extra = {k: load_model(v, dtype=dtype, kernels="auto") for k, v in (extra_models or {}).items()}
     bound = {}
     for role, path in (drafts or {}).items():
         d = read_draft(path)
@@ -50,7 +50,7 @@ def run_bench(spec_path: str, corpus: dict, model: str, methods: list[str], limi
     report = run_benchmark(made, rows["prompt"].tolist(), rows.to_dict("records"), spec.metric,
                            ids=rows["id"].tolist(), progress=lambda d, n: log.info("benchmark %d/%d", d, n))
     report.update(spec=spec.name, model=model, corpus_version=corpus["version"], split=split,
-                  environment=environment(str(lm.dtype).replace("torch.", ""), lm.device),
+                  environment=environment(str(lm.dtype).replace("torch.", ""), lm.device, lm.kernels),
                   verify_cost=verify_cost_summary(cost), wall_s=time.time() - t0,
                   drafts={k: {"path": v, "tokens": bound[k].num_tokens} for k, v in (drafts or {}).items()},
                   extra_models=extra_models or {})

@@ -31,7 +31,7 @@ def harvest_outputs(spec_path: str, corpus: dict, model: str, limit: int | None 
         get_run_logger().info("harvest reused: %s", path)
         return str(path)
     rows = spread_sample(train, want)
-    lm = load_model(model, dtype=dtype)
+    lm = load_model(model, dtype=dtype, kernels="auto")
     log = get_run_logger()
     refs = BoundDraft.from_corpus(build_draft_corpus(train["completion"].tolist()), lm.tokenizer)
     outs = harvest(lm, rows["prompt"].tolist(), spec.generation.max_new_tokens, spec.system_prompt,

@@ -360,3 +360,46 @@ def test_other_corpus_hash_fails_with_fix(tmp_path):
     back = read_draft(write_draft(build_draft_corpus(references=["a"], corpus_hash="h1"), tmp_path / "d.parquet"))
     with pytest.raises(DraftError, match=r"built for corpus h1, not h2.*rebuild it with `tasc draft SPEC`"):
         check_compatible(back, "h2")
+
+
+def test_compiled_walk_matches_the_numpy_reference():
+    from tasc.draft import _draft_kernels, walk_continuations_numpy
+
+    if _draft_kernels() is None:
+        pytest.skip("no C compiler here: walk_continuations is the numpy reference itself")
+    rng = np.random.default_rng(1)
+    cases = [np.empty((0, 5), dtype=np.int64), np.array([[SEP, 1]], dtype=np.int64), np.array([[4, 5, 6]] * 3)]
+    for _ in range(400):
+        r, w = int(rng.integers(1, 70)), int(rng.integers(1, 20))
+        rows = rng.integers(-1, 4, size=(r, w))  # few distinct ids: ties, SEPs and long agreeing runs
+        rows[rng.random(r) < 0.5, : int(rng.integers(0, w + 1))] = 3
+        cases.append(rows)
+    for rows in cases:
+        for max_len, prior in ((16, 1.0), (3, 0.5)):
+            toks, probs = walk_continuations(rows, max_len, prior)
+            ref_toks, ref_probs = walk_continuations_numpy(rows, max_len, prior)
+            assert toks.tolist() == ref_toks.tolist()
+            assert np.array_equal(probs, ref_probs)
+            assert toks.dtype == np.int64 and probs.dtype == np.float64
+
+
+def test_compiled_lookups_match_the_numpy_references():
+    from tasc.draft import _draft_kernels, context_continuations
+    from tasc.proposer import Proposer
+
+    if _draft_kernels() is None:
+        pytest.skip("no C compiler here: the numpy references run")
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 6, size=5000).astype(np.int32)  # 6 ids: many hits, thinned to max_rows
+    tokens[rng.random(5000) < 0.05] = SEP
+    draft = BoundDraft(tokens, max_rows=16)
+    for _ in range(300):
+        ctx = rng.integers(0, 6, size=int(rng.integers(1, 40))).astype(np.int64)
+        rows, n = draft.continuations(ctx, 12)
+        ref_rows, ref_n = draft.continuations_numpy(ctx, 12)
+        assert n == ref_n and np.array_equal(rows, ref_rows)
+        got, got_n = Proposer(None)._context_rows(ctx)
+        want, want_n = context_continuations(ctx, 16)
+        assert got_n == want_n and np.array_equal(got, want)
+    hits, _ = draft.continuations(np.array([1, 2], dtype=np.int64), 12)
+    assert len(hits) == 16  # many occurrences: thinned to an even spread

@@ -76,9 +76,13 @@ def test_context_source_is_used_without_a_corpus():
     assert len(Proposer(None, ProposerConfig(use_context=False)).propose(ctx)[0]) == 0
 
 
-def test_context_proposals_follow_the_growing_context():
+@pytest.mark.parametrize("kernels", ["compiled", "python"])
+def test_context_proposals_follow_the_growing_context(kernels, monkeypatch):
     """One proposer over a request whose context grows: every proposal equals the walk over
-    ``context_continuations`` of the context so far (the prompt-lookup reference)."""
+    ``context_continuations`` of the context so far (the prompt-lookup reference), with the
+    compiled scan and with the incremental index used where no C compiler is available."""
+    if kernels == "python":
+        monkeypatch.setattr("tasc.proposer._draft_kernels", lambda: None)
     rng = np.random.default_rng(5)
     cfg = ProposerConfig(max_len=8, min_prob=0.0, use_corpus=False)
     # Random stretches, then a periodic one (more than 16 earlier occurrences of each suffix).
@@ -131,3 +135,18 @@ def test_trust_is_kept_per_source():
     assert toks.tolist()[:1] == [9] and p._source == "context"
     p.update(probs, 0)
     assert p.trust["context"] < 1.0 and p.trust["corpus"] == 1.0
+
+
+def test_proposers_of_one_run_share_their_calibration():
+    from tasc.proposer import new_trust
+
+    trust = new_trust()
+    first, second = Proposer(None, trust=trust), Proposer(None, trust=trust)
+    ctx = np.array([5, 6, 7, 8, 9, 5, 6, 7, 8], dtype=np.int64)
+    _, probs = first.propose(ctx)
+    for _ in range(5):
+        first.update(probs, len(probs))  # the context source keeps being right
+    assert trust["context"] > 1.0 and second.trust["context"] == trust["context"]
+    _, boosted = second.propose(ctx)  # the next request starts from what the first learned
+    _, fresh = Proposer(None).propose(ctx)
+    assert len(boosted) >= len(fresh) and boosted[0] > fresh[0]

@@ -1,0 +1,175 @@
+"""Small-batch fp32 linear layers for CPU decoding (kernels/small_gemm.c).
+
+A speculative verify step multiplies 1 + k rows through every weight matrix. On CPU the BLAS
+sgemm behind ``torch.nn.functional.linear`` repacks the weight on every call, so 2-16 rows
+cost 2-2.5x one row although the weights, not the arithmetic, are the bottleneck. This module
+packs each ``nn.Linear`` weight once into 8-column blocks and multiplies up to 12 rows per
+pass over them: k-token steps then cost little more than one-token steps.
+
+Contract (stated in the C header): a row's output is bitwise the same whatever the number of
+rows in the call, so one-token and k-token steps of the same model agree exactly in the
+linear layers. :func:`pack_linears` changes only the inference path of a model:
+
+- the packed copy is a plain attribute (not a parameter or buffer): ``state_dict``,
+  ``save_pretrained`` and peft see the original module unchanged;
+- a call that autograd must differentiate (grad enabled and the input or the weight requires
+  grad) runs the original ``F.linear``, so fine-tuning a packed model is still correct;
+- a weight changed in place or replaced (training, ``resize_token_embeddings``) is repacked
+  on the next call.
+
+The kernel is compiled on first use (tasc.native: AVX2 + FMA, OpenMP). Without a compiler,
+AVX2/FMA or with ``TASC_CPU_KERNELS=0``, :func:`available` is False and models keep torch's
+kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import types
+from functools import lru_cache
+
+import numpy as np
+
+from tasc import native
+
+BLOCK = 8  # columns per packed block (one AVX2 register)
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=fast", "-fopenmp")
+
+
+@lru_cache(maxsize=1)
+def _library():
+    """The kernel function (ctypes) or None where it cannot be built here."""
+    if os.environ.get("TASC_CPU_KERNELS", "1") == "0":
+        return None
+    lib = native.load("small_gemm", FLAGS, needs=("avx2", "fma"))
+    if lib is None:
+        return None
+    fn = lib.tasc_small_gemm
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    fn.argtypes = [ptr, i32, i32, ptr, i32, ptr, i32]
+    fn.restype = None
+    return fn
+
+
+def available() -> bool:
+    """True where the packed kernel can run (x86-64 with AVX2+FMA and a C compiler)."""
+    return _library() is not None
+
+
+def pack(weight: np.ndarray) -> np.ndarray:
+    """(N, K) float32 -> (ceil(N/8), K, 8) float32, zero-padded columns."""
+    n, k = weight.shape
+    padded = np.zeros(((n + BLOCK - 1) // BLOCK * BLOCK, k), dtype=np.float32)
+    padded[:n] = weight
+    return np.ascontiguousarray(padded.reshape(-1, BLOCK, k).transpose(0, 2, 1))
+
+
+def small_gemm(x: np.ndarray, packed: np.ndarray, n: int, threads: int = 1) -> np.ndarray:
+    """x (M, K) float32 C-contiguous, packed from :func:`pack` -> (M, n) float32 = x @ W.T."""
+    fn = _library()
+    m, k = x.shape
+    width = packed.shape[0] * BLOCK
+    out = np.empty((m, width), dtype=np.float32)
+    fn(x.ctypes.data, m, k, packed.ctypes.data, width, out.ctypes.data, threads)
+    return out[:, :n] if width != n else out
+
+
+def _packed_forward(self, x):
+    """nn.Linear.forward on the packed kernel when no gradient is needed (see module doc)."""
+    import torch
+
+    w = self.weight
+    if (x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0
+            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        return torch.nn.functional.linear(x, w, self.bias)
+    stamp = (id(w), w._version, tuple(w.shape))
+    if self._tasc_stamp != stamp:
+        self._tasc_packed, self._tasc_stamp = pack(w.detach().numpy()), stamp
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.from_numpy(small_gemm(rows.numpy(), self._tasc_packed, w.shape[0], torch.get_num_threads()))
+    if self.bias is not None:
+        y = y + self.bias
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def pack_linears(model) -> int:
+    """Route every ``nn.Linear`` of ``model`` through the packed kernel for inference.
+    Returns how many layers were packed (0 where the kernel is unavailable)."""
+    import torch
+
+    if not available():
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
+            module._tasc_stamp, module._tasc_packed = None, None
+            module.forward = types.MethodType(_packed_forward, module)
+            count += 1
+    return count
+
+
+def unpack_linears(model) -> None:
+    """Undo :func:`pack_linears` (drop the packed copies)."""
+    for module in model.modules():
+        if "_tasc_stamp" in module.__dict__:
+            del module.forward, module._tasc_stamp, module._tasc_packed
+
+
+# ------------------------------------------------------------------ grouped-query attention
+
+ATTENTION = "tasc_grouped_sdpa"
+
+
+def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' SDPA attention without copying the KV cache for grouped-query heads.
+
+    query (B, H, T, D), key/value (B, H_kv, S, D). transformers' sdpa path repeats key and
+    value to H heads when T > 1 (a copy of the whole cache per layer and verify step on CPU);
+    here the H / H_kv query heads that share a KV head are stacked along T instead, so
+    attention runs on the H_kv heads as stored: query (B, H_kv, n_rep * T, D) and the mask
+    repeated to match. Same dot products, same softmax rows. Other cases go to transformers."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    b, h, t, d = query.shape
+    if n_rep == 1 or t == 1 or dropout or kwargs.get("position_bias") is not None or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                      **kwargs)
+    s = key.shape[2]
+    if attention_mask is None:  # causal, aligned to the end (prefill or a verify step with a cache)
+        attention_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)[None, None]
+    mb, mh = attention_mask.shape[:2]
+    if mh != 1:  # a per-head mask: leave it to transformers
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                      **kwargs)
+    mask = attention_mask[:, :, None].expand(mb, 1, n_rep, t, s).reshape(mb, 1, n_rep * t, s)
+    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(b, h // n_rep, n_rep * t, d), key, value,
+                                                           attn_mask=mask, scale=scaling)
+    return out.reshape(b, h, t, d).transpose(1, 2).contiguous(), None
+
+
+def group_attention(model) -> bool:
+    """Switch a grouped-query model that uses SDPA to :func:`grouped_sdpa`; True if switched."""
+    from transformers import AttentionInterface
+
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(config, "num_key_value_heads", None) in (None, getattr(config, "num_attention_heads", None)):
+        return False
+    AttentionInterface.register(ATTENTION, grouped_sdpa)
+    model.set_attn_implementation(ATTENTION)
+    return True
+
+
+def speed_up(model) -> str:
+    """Packed linears and grouped attention for CPU fp32 inference; returns a label for
+    reports ("torch" when nothing applied)."""
+    parts = []
+    if pack_linears(model):
+        parts.append("packed-linear")
+    if group_attention(model):
+        parts.append("grouped-attention")
+    return "+".join(parts) or "torch"

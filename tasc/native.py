@@ -1,0 +1,59 @@
+"""Small C kernels compiled on first use (tasc/kernels/*.c) and loaded with ctypes.
+
+Each kernel is one self-contained C file whose header states its contract. It is compiled
+with the system C compiler (``CC``, else ``cc``/``gcc``) into the kernel cache
+(``TASC_KERNEL_CACHE``, default ``~/.cache/tasc/kernels``) under a name keyed by the source
+and flags, so an edited kernel is rebuilt and concurrent processes never load half a file.
+Every caller keeps a pure numpy/torch path: :func:`load` returns None without a compiler,
+on a CPU without the flags' instruction sets, or with ``TASC_NATIVE=0``."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+KERNELS = Path(__file__).with_name("kernels")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TASC_KERNEL_CACHE") or Path.home() / ".cache" / "tasc" / "kernels")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@cache
+def load(name: str, flags: tuple[str, ...] = ("-O2",), needs: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled ``kernels/<name>.c`` or None where it cannot run here. ``needs``: CPU flags
+    (as in /proc/cpuinfo) the compiled code requires."""
+    if os.environ.get("TASC_NATIVE", "1") == "0" or not set(needs) <= cpu_flags():
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    source = KERNELS / f"{name}.c"
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    lib = cache_dir() / f"{name}-{key}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+        os.close(fd)
+        done = subprocess.run([cc, *flags, "-fPIC", "-shared", "-o", tmp, str(source)], capture_output=True)
+        if done.returncode != 0:
+            os.unlink(tmp)
+            return None
+        os.replace(tmp, lib)  # atomic: a concurrent build never exposes half a library
+    return ctypes.CDLL(str(lib))
