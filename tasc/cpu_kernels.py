@@ -34,7 +34,6 @@ import numpy as np
 from tasc import native
 
 BLOCK = 8  # columns per packed block (one AVX2 register)
-FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=fast", "-fopenmp")
 
 
 @lru_cache(maxsize=1)
@@ -42,7 +41,7 @@ def _library():
     """The kernel function (ctypes) or None where it cannot be built here."""
     if os.environ.get("TASC_CPU_KERNELS", "1") == "0":
         return None
-    lib = native.load("small_gemm", FLAGS, needs=("avx2", "fma"))
+    lib = native.load("small_gemm")
     if lib is None:
         return None
     fn = lib.tasc_small_gemm

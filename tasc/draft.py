@@ -145,7 +145,7 @@ def _draft_kernels():
     """kernels/draft.c through ctypes, or None (no C compiler): the numpy references run then."""
     from tasc import native
 
-    lib = native.load("draft", ("-O2",))
+    lib = native.load("draft")
     if lib is None:
         return None
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64

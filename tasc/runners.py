@@ -12,6 +12,7 @@ Each runner renders the prompt with the task's chat template and returns an engi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -104,6 +105,22 @@ def _other_model(name: str, models: dict | None):
     return models[key]
 
 
+def _method_options(name: str) -> tuple[str, ProposerConfig | None]:
+    """"tasc-spec@context_prior=0.1@max_len=24" -> ("tasc-spec", ProposerConfig(...))."""
+    base, *opts = name.split("@")
+    if not opts:
+        return base, None
+    fields = {f.name: f.type for f in dataclasses.fields(ProposerConfig)}
+    values = {}
+    for opt in opts:
+        key, sep, raw = opt.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"method {name!r}: {opt!r} is not field=value of ProposerConfig ({', '.join(fields)})")
+        kind = type(getattr(ProposerConfig(), key))
+        values[key] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+    return base, ProposerConfig(**values)
+
+
 def build_methods(names: Sequence[str], lm, cfg: DecodeConfig, system_prompt: str | None, chat_template: bool,
                   drafts: dict[str, BoundDraft | None], cost: Sequence[float], models: dict | None = None) -> list:
     """Benchmark methods by name over one loaded model, plus TASC-ft models.
@@ -113,27 +130,31 @@ def build_methods(names: Sequence[str], lm, cfg: DecodeConfig, system_prompt: st
     ``BoundDraft.from_corpus(draft, tok)``; a draft bound to another tokenizer would not fit).
     models: extra LoadedModels, "ft-only" (fine-tuned, base vocabulary) and "tasc-ft"
     (expanded vocabulary). ``ft-only`` and ``tasc-ft`` decode greedily with their model;
-    ``tasc-ft+spec`` verifies the "tasc-ft" draft with the tasc-ft model (lossless)."""
+    ``tasc-ft+spec`` verifies the "tasc-ft" draft with the tasc-ft model (lossless).
+
+    A speculative method may carry proposer settings after ``@``, to compare them side by side:
+    ``tasc-spec@context_prior=0.1@max_len=24`` (fields of ProposerConfig)."""
     from tasc.bench import Method
 
     made = []
     for name in names:
-        if name in MODEL_OF:
-            other = _other_model(name, models)
-            spec = name.endswith("+spec")
+        base, pc = _method_options(name)
+        if base in MODEL_OF:
+            other = _other_model(base, models)
+            spec = base.endswith("+spec")
             made.append(Method(name, engine_runner(other, cfg, system_prompt, chat_template,
-                                                   drafts.get("tasc-ft") if spec else None, cost, speculative=spec)))
+                                                   drafts.get("tasc-ft") if spec else None, cost, pc, speculative=spec)))
             continue
-        if name == "greedy":
+        if base == "greedy":
             run = engine_runner(lm, cfg, system_prompt, chat_template, speculative=False)
-        elif name == "pld":
+        elif base == "pld":
             run = pld_runner(lm, cfg, system_prompt, chat_template)
-        elif name == "tasc-spec":
-            run = engine_runner(lm, cfg, system_prompt, chat_template, drafts.get("main"), cost)
-        elif name == "tasc-spec-ref":
-            run = engine_runner(lm, cfg, system_prompt, chat_template, drafts.get("references"), cost)
-        elif name == "context-only":
-            run = engine_runner(lm, cfg, system_prompt, chat_template, None, cost)
+        elif base == "tasc-spec":
+            run = engine_runner(lm, cfg, system_prompt, chat_template, drafts.get("main"), cost, pc)
+        elif base == "tasc-spec-ref":
+            run = engine_runner(lm, cfg, system_prompt, chat_template, drafts.get("references"), cost, pc)
+        elif base == "context-only":
+            run = engine_runner(lm, cfg, system_prompt, chat_template, None, cost, pc)
         else:
             raise ValueError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}")
         made.append(Method(name, run))

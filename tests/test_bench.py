@@ -104,3 +104,13 @@ def test_verify_cost_summary():
     assert set(verify_cost_summary(cost)) == {"V2", "V4", "V8", "V16"}
     assert verify_cost_summary(cost)["V8"] == pytest.approx(cost[8])
     assert "V16" not in verify_cost_summary(cost[:10])
+
+
+def test_method_options_set_proposer_fields():
+    from tasc.runners import _method_options
+
+    assert _method_options("tasc-spec") == ("tasc-spec", None)
+    base, pc = _method_options("tasc-spec@context_prior=0.1@max_len=24@use_corpus=false")
+    assert base == "tasc-spec" and pc.context_prior == 0.1 and pc.max_len == 24 and pc.use_corpus is False
+    with pytest.raises(ValueError, match="not field=value"):
+        _method_options("tasc-spec@no_such=1")
