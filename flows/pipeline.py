@@ -5,8 +5,9 @@ build draft -> benchmark -> register + promote, logged as one parent MLflow run 
 nested run per stage. With ``vocab_rounds=0`` the TASC-ft stages are skipped and TASC-spec
 runs on the base model; otherwise the chosen round's model (fine-tuned further when
 ``finetune_max_steps`` > 0) is harvested, drafted, benchmarked against the base model's
-greedy decoding and registered. Between tasks travel Parquet paths and model names or
-folders, never pickled models. Deterministic steps are cached and fine-tuning resumes from
+greedy decoding and registered. With ``finetune_deployment`` the fine-tune stage runs on
+another worker (flows/finetune_remote.py). Between tasks travel Parquet paths and model names
+or folders, never pickled models. Deterministic steps are cached and fine-tuning resumes from
 checkpoints, so a re-run after a failure picks up where it stopped (flows/resume.py)."""
 
 # No `from __future__ import annotations` here: Prefect reads the real type of `params`.
@@ -18,15 +19,21 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
+from flows.finetune_remote import finetune_on_deployment
 from flows.resume import stage_done
 from flows.runners import default_shards, task_runner
 from flows.stages import DEFAULT_MODEL, bench_flow, draft_flow, finetune_flow, ingest_flow, ngrams_flow
 from flows.vocab import vocab_flow
+from storage.settings import finetune_deployment
 from tasks.models import fetch_model
 from tasks.registry import promote_model, register_model
 from tasks.tracking import end_run, find_previous_run, log_to_run, start_run
 
 # Parameters that change how a run executes, not what it produces: not part of the run key.
+# ``finetune_deployment`` is not one of them: the remote worker picks its own fine-tuning preset
+# and device count (full fine-tuning on a GPU, one process per GPU, so a larger global batch),
+# so it returns another model than the in-process stage. It enters the key as resolved
+# (parameter, else TASC_FINETUNE_DEPLOYMENT), and only when a fine-tune stage runs.
 EXECUTION_ONLY = {"force", "task_runner", "ngram_shards"}
 
 
@@ -57,7 +64,18 @@ class PipelineParams(BaseModel):
     task_runner: str | None = Field(None, description="thread | dask (default: TASC_TASK_RUNNER, else thread)")
     ngram_shards: int | None = Field(None, ge=1, description="corpus shards counted as separate tasks (default: "
                                      "TASC_NGRAM_SHARDS, else 1, or one per Dask worker)")
+    finetune_deployment: str | None = Field(None, description="fine-tune the chosen round's model on this Prefect "
+                                            "deployment, e.g. tasc-finetune-remote/gpu (default: "
+                                            "TASC_FINETUNE_DEPLOYMENT, else in this process)")
     force: bool = Field(False, description="run even when data and config are unchanged since a finished run")
+
+
+def remote_finetune(params: PipelineParams) -> str | None:
+    """The deployment that runs the fine-tune stage, or None: in the pipeline's process (also
+    when there is no fine-tune stage)."""
+    if not (params.vocab_rounds and params.finetune_max_steps):
+        return None
+    return params.finetune_deployment or finetune_deployment()
 
 
 def tasc_ft(params: PipelineParams, corpus: dict, run_id: str) -> dict:
@@ -75,8 +93,13 @@ def tasc_ft(params: PipelineParams, corpus: dict, run_id: str) -> dict:
         print("no vocabulary round kept the task metric: TASC-spec on the base model")
         return {}
     out = {"vocab": {k: vocab[k] for k in ("rounds", "chosen", "report", "mlflow_run_id")}, "model": vocab["chosen"]}
-    if params.finetune_max_steps:
+    deployment = remote_finetune(params)
+    if deployment:  # on another worker (a GPU pool); inputs and result travel as MLflow artifacts
+        out["finetune"] = finetune_on_deployment(deployment, params.spec, vocab["chosen"], params.finetune_max_steps,
+                                                 corpus, run_id)
+    elif params.finetune_max_steps:
         out["finetune"] = finetune_flow(params.spec, vocab["chosen"], params.finetune_max_steps, corpus, run_id)
+    if params.finetune_max_steps:
         out["model"] = out["finetune"]["model_dir"]
         stage_done("finetune")
     return out
@@ -91,13 +114,17 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     corpus = ingest_flow(params.spec, params.policy)
     stage_done("ingest")
     # Scheduled retraining is a no-op when the data and the configuration are unchanged.
-    config = params.model_dump(exclude=EXECUTION_ONLY)
+    config = params.model_dump(exclude=EXECUTION_ONLY | {"finetune_deployment"})
+    deployment = remote_finetune(params)
+    if deployment:  # absent otherwise, so keys of runs without one stay as they were
+        config["finetune_deployment"] = deployment
     run_key = hashlib.sha256(json.dumps([corpus["version"], config], sort_keys=True).encode()).hexdigest()[:16]
     previous = None if params.force else find_previous_run(experiment, run_key)
     if previous:
         print(f"data and config unchanged since MLflow run {previous}: nothing to do (force=True reruns)")
         return {"skipped": True, "previous_run_id": previous, "corpus": corpus}
-    run_id = start_run(experiment, "pipeline", params.model_dump(), tags={"tasc.run_key": run_key})
+    run_id = start_run(experiment, "pipeline", {**params.model_dump(), "finetune_deployment": deployment},
+                       tags={"tasc.run_key": run_key})
     try:
         fetch_model(params.model)
         ngrams = ngrams_flow.with_options(task_runner=task_runner(params.task_runner))

@@ -6,7 +6,8 @@ database and artifact folder, and ``PREFECT_HOME`` for the ephemeral Prefect API
 ``configure()`` is idempotent and never overrides a variable the user already set, so a
 tracking server (``MLFLOW_TRACKING_URI``) or a Prefect server (``PREFECT_API_URL``)
 take over where they are configured. The pipeline's execution settings (task runner,
-Dask cluster, n-gram shards, the ``TASC_FAIL_AT`` test hook) are read here too.
+Dask cluster, n-gram shards, the remote fine-tune deployment, the ``TASC_FAIL_AT`` test hook)
+are read here too.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def reports_dir() -> Path:
     return state_dir() / "reports"
 
 
+def handoff_dir() -> Path:
+    """Where a fine-tuning hand-off keeps its downloads and run folders, one per MLflow run id."""
+    return state_dir() / "handoff"
+
+
 def prefect_results_dir() -> Path:
     """Where Prefect persists the results of cached steps (and their cache records), so a
     re-run with the same inputs, in this process or another, resumes instead of recomputing."""
@@ -80,6 +86,27 @@ def ngram_shards() -> int | None:
     thread runner, the worker count with Dask)."""
     value = os.environ.get("TASC_NGRAM_SHARDS")
     return int(value) if value else None
+
+
+def finetune_deployment() -> str | None:
+    """``TASC_FINETUNE_DEPLOYMENT``: the Prefect deployment (``flow/deployment``, e.g.
+    ``tasc-finetune-remote/gpu``) that fine-tunes the chosen TASC-ft model when the pipeline's
+    ``finetune_deployment`` is not set; unset: in the pipeline's own process."""
+    return os.environ.get("TASC_FINETUNE_DEPLOYMENT") or None
+
+
+def finetune_procs() -> int | None:
+    """``TASC_FINETUNE_PROCS``: processes of a remote fine-tune (torchrun when > 1) when its
+    ``procs`` parameter is not set; unset or 0: one per visible CUDA device."""
+    value = os.environ.get("TASC_FINETUNE_PROCS")
+    return int(value) if value else None
+
+
+def finetune_timeout() -> float | None:
+    """``TASC_FINETUNE_TIMEOUT``: seconds the pipeline waits for a remote fine-tune (unset:
+    as long as it takes)."""
+    value = os.environ.get("TASC_FINETUNE_TIMEOUT")
+    return float(value) if value else None
 
 
 def fail_at() -> str | None:

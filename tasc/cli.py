@@ -134,6 +134,36 @@ def vocab(spec: str = typer.Argument(..., help="spec name or YAML path"), model:
     typer.echo(f"chosen: {out['chosen']}\nreport: {out['report']}")
 
 
+@app.command()
+def finetune(spec: str = typer.Argument(..., help="spec name or YAML path"), model: str = MODEL,
+             out: Path = typer.Option(..., "--out", help="output folder (checkpoints/, final/, result.json); "
+                                      "resumed when it holds checkpoints of the same run"),
+             corpus: str | None = typer.Option(None, help="corpus folder or corpus.parquet (default: the spec's "
+                                               "latest ingested corpus)"),
+             max_steps: int | None = typer.Option(None, help="training steps (default: the device preset's)"),
+             device: str = typer.Option("auto", help="auto | cpu | cuda; the preset follows (LoRA on CPU, full "
+                                        "fine-tuning on a GPU)"),
+             batch_size: int | None = typer.Option(None, help="sequences per micro-batch and process (default: "
+                                                   "the preset's)"),
+             grad_accum: int | None = typer.Option(None, help="micro-batches per step (default: the preset's)"),
+             progress: bool = typer.Option(True, help="show a progress bar (rank 0)")):
+    """Fine-tune MODEL on the spec's train split into OUT (resumable), the core alone: no
+    Prefect, no MLflow. Several processes, data-parallel: `torchrun --nproc_per_node N -m
+    tasc.cli finetune ...` or `accelerate launch -m tasc.cli finetune ...`."""
+    _setup()
+    from storage import corpus as store
+    from tasc.distributed import from_env
+    from tasc.finetune_job import run_job
+    from tasc.spec import load_spec
+
+    s = load_spec(spec)
+    path = corpus or store.latest_corpus(s.name)
+    train, val = (store.read_corpus(path, split=split) for split in ("train", "validation"))
+    res = run_job(s, train, val, model, out, max_steps, device, batch_size, grad_accum, progress)
+    if from_env().main:
+        _echo_json(res)
+
+
 def _num(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
@@ -152,7 +182,7 @@ def generate(spec: str = typer.Argument(..., help="spec name/path, or a draft .p
     from tasc.models import load_model
     from tasc.spec import load_spec
 
-    lm = load_model(model, dtype=dtype)
+    lm = load_model(model, dtype=dtype, kernels="auto")
     system, chat, stop, bound = None, True, (), None
     if spec.endswith(".parquet"):
         bound = BoundDraft.from_corpus(read_draft(spec), lm.tokenizer)
@@ -182,6 +212,8 @@ def pipeline(spec: str = typer.Argument("snips"), model: str = MODEL,
              round_steps: int | None = typer.Option(None, help="fine-tuning steps per round (default: the device "
                                                     "config; 0: expansion only)"),
              finetune_steps: int = typer.Option(0, help="fine-tuning steps of the chosen round's model (resumable)"),
+             finetune_deployment: str | None = typer.Option(None, help="run that fine-tuning on this Prefect "
+                                                            "deployment, e.g. tasc-finetune-remote/gpu"),
              task_runner: str | None = typer.Option(None, help="thread | dask (default: TASC_TASK_RUNNER)"),
              ngram_shards: int | None = typer.Option(None, help="count the n-grams in this many shard tasks"),
              register: bool = typer.Option(True, help="register in MLflow and run the promotion rule"),
@@ -195,7 +227,8 @@ def pipeline(spec: str = typer.Argument("snips"), model: str = MODEL,
 
     out = run(PipelineParams(spec=spec, model=model, limit=limit, harvest_limit=harvest_limit, methods=methods,
                              dtype=dtype, vocab_rounds=vocab_rounds, round_steps=round_steps,
-                             finetune_max_steps=finetune_steps, task_runner=task_runner, ngram_shards=ngram_shards,
+                             finetune_max_steps=finetune_steps, finetune_deployment=finetune_deployment,
+                             task_runner=task_runner, ngram_shards=ngram_shards,
                              register_model=register, force=force))
     if out.get("skipped"):
         typer.echo(f"unchanged since MLflow run {out['previous_run_id']}; nothing to do (--force reruns)")

@@ -13,7 +13,9 @@ temporary folder and renamed, so a killed run leaves only complete ones. Calling
 config or data set fails with :class:`ResumeError`. The fields in ``RESUMABLE``
 (``max_steps``, evaluation and save cadence, device, threads) may change on resume, so a
 finished run can be extended. A NaN/inf loss, gradient or weight stops training with
-:class:`DivergedError`, naming the last good checkpoint, which is kept.
+:class:`DivergedError`, naming the last good checkpoint, which is kept. Under ``torchrun`` or
+``accelerate launch`` (``WORLD_SIZE`` > 1) training is data-parallel, each rank taking its share
+of every step's batch; see :mod:`tasc.distributed`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from tasc import distributed
 from tasc.finetune_io import (
     RESUMABLE,
     Example,
@@ -44,6 +47,9 @@ from tasc.finetune_io import (
     write_final,
 )
 from tasc.finetune_io import ResumeError as ResumeError
+from tasc.finetune_setup import lr_lambda as _lr_lambda
+from tasc.finetune_setup import torch_threads as _torch_threads
+from tasc.finetune_setup import wrap_lora as _wrap_lora
 from tasc.models import pick_device
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -145,35 +151,6 @@ def completion_loss(model, batch, autocast):
 # ---------------------------------------------------------------------------- training
 
 
-def _lr_lambda(config: FinetuneConfig, new_rows: bool = False):
-    """Warm-up then linear decay. The main schedule starts after the embedding warm-up (zero
-    before it); the new rows' schedule spans the whole run."""
-    total, warm = config.max_steps, max(1, config.warmup_steps)
-    start = 0 if new_rows else min(config.embed_warmup_steps, total)
-
-    def factor(step: int) -> float:
-        if step < start:
-            return 0.0
-        if step - start < warm:
-            return (step - start + 1) / warm
-        return max(0.0, (total - step) / max(1, total - start - warm))
-
-    return factor
-
-
-def _wrap_lora(model, config: FinetuneConfig, token_ids: list[int]):
-    """LoRA on the projections named in ``lora_targets``; the rows ``token_ids`` of the
-    input embedding (and the tied head) are trained in full through peft's trainable tokens."""
-    from peft import LoraConfig, get_peft_model
-
-    names = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules()}
-    emb = next(n for n, m in names.items() if m is model.get_input_embeddings())
-    lc = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                    target_modules=[t for t in config.lora_targets if t in names], task_type="CAUSAL_LM",
-                    trainable_token_indices={emb: list(token_ids)} if token_ids else None)
-    return get_peft_model(model, lc)
-
-
 def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device: str, autocast) -> float | None:
     """Mean loss per completion token over ``examples`` (None without any)."""
     import torch
@@ -214,19 +191,6 @@ def _diverged(step: int, what: str, good: Path | None) -> DivergedError:
     return DivergedError(f"training diverged at step {step}: {what}; {where}", step, good)
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    import torch
-
-    old = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 @dataclass
 class _Training:
     """What one run carries from step to step."""
@@ -241,6 +205,8 @@ class _Training:
     opt: Any = None
     sched: Any = None
     good: Path | None = None  # last checkpoint written or resumed from
+    world: distributed.World = field(default_factory=distributed.World)
+    ddp: Any = None  # the model that trains: DistributedDataParallel over ranks, else the model
     full_emb: Any = None  # full fine-tuning with new rows: the embedding matrix they live in
     old_rows: Any = None  # bool (V,): rows of full_emb that were there before expansion
 
@@ -266,7 +232,9 @@ class _Training:
             lambdas.append(_lr_lambda(cfg, new_rows=True))
         self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambdas)
-        self.good = latest_checkpoint(self.out_dir)
+        self.good = distributed.agree(latest_checkpoint(self.out_dir), self.world)  # rank 0 picks
+        distributed.check_world(self.good, self.world)
+        self.ddp = distributed.wrap(self.model, self.world, self.device)
         if self.good is None:
             return {"step": 0, "history": []}
         return resume(self.good, self.model, self.opt, self.sched, self.meta)
@@ -313,9 +281,14 @@ class _Training:
     def save(self, step: int, history: list[dict[str, Any]]) -> None:
         if not finite_params(self.model):
             raise _diverged(step, "weights are no longer finite", self.good)
-        self.good = save_checkpoint(self.out_dir, step, self.model, self.tokenizer, self.opt, self.sched,
-                                    {**self.meta, "history": history})
+        self.good = distributed.on_main(self.world, self._write, step, history) or (
+            self.out_dir / "checkpoints" / f"step-{step:06d}")
+
+    def _write(self, step: int, history: list[dict[str, Any]]) -> Path:
+        path = save_checkpoint(self.out_dir, step, self.model, self.tokenizer, self.opt, self.sched,
+                               {**self.meta, "history": history})
         prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
+        return path
 
 
 def finetune(model, tokenizer, train_rows, val_rows, config: FinetuneConfig | None = None,
@@ -332,20 +305,25 @@ def finetune(model, tokenizer, train_rows, val_rows, config: FinetuneConfig | No
     device = pick_device(config.device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("config.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    world, device = distributed.join(device)  # no-op without a launcher (torchrun, accelerate)
     train = encode_rows(tokenizer, train_rows, chat_template, system_prompt, config.max_seq_len)
     val = encode_rows(tokenizer, val_rows, chat_template, system_prompt, config.max_seq_len)
     if not train:
         raise ValueError("finetune needs at least one training row")
     meta = {"config": asdict(config), "config_hash": config.hash(), "data_hash": data_hash(train + val),
             "vocab_size": len(tokenizer)}
+    if world.active:  # a single process writes the state it always did
+        meta["world_size"] = world.size
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    run = _Training(model, tokenizer, config, device, out_dir, meta)
+    run = _Training(model, tokenizer, config, device, out_dir, meta, world=world)
     with _torch_threads(config.cpu_threads if device == "cpu" else 0):
         state = run.prepare(new_token_ids)
         history, rate = _loop(run, train, val[: config.max_eval_rows], state, progress)
-        _, final = write_final(run.model, tokenizer, out_dir, config.lora)
+        _, final = distributed.on_main(world, write_final, run.model, tokenizer, out_dir, config.lora) or (
+            None, out_dir / "final")
+    distributed.leave(world)
     recent = [h["loss"] for h in history[-10:]]
     val_losses = [h["val_loss"] for h in history if h.get("val_loss") is not None]
     return FinetuneResult(len(history), float(np.mean(recent)) if recent else None,
@@ -362,10 +340,12 @@ def _loop(run: _Training, train: list[Example], val: list[Example], state: dict[
     cuda = run.device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, desc="finetune", unit="step")
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress or not run.world.main, desc="finetune",
+               unit="step")
     seen, t0 = 0, time.perf_counter()
     while step < cfg.max_steps:
-        loss, tokens = _train_step(run.model, train, step, cfg, pad, run.device, autocast)
+        loss, tokens = (distributed.train_step(run.ddp, train, step, cfg, pad, run.device, autocast, run.world)
+                        if run.world.active else _train_step(run.model, train, step, cfg, pad, run.device, autocast))
         if not np.isfinite(loss):
             raise _diverged(step + 1, f"loss is {loss}", run.good)
         run.update(step + 1)
