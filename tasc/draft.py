@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tasc import native
+
 DRAFT_SCHEMA_VERSION = "1"
 SEP = -1
 DEFAULT_LEVELS = (1, 2, 4)
@@ -143,15 +145,13 @@ def walk_continuations(cont: np.ndarray, max_len: int, prior: float = 1.0) -> tu
 @functools.cache
 def _draft_kernels():
     """kernels/draft.c through ctypes, or None (no C compiler): the numpy references run then."""
-    from tasc import native
-
     lib = native.load("draft")
     if lib is None:
         return None
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.tasc_walk.argtypes = [p, i32, i32, ctypes.c_double, p, p]
     lib.tasc_lookup.argtypes = [p, p, i64, p, p, i32, ctypes.c_uint32, i32, i32, p]
-    lib.tasc_context_rows.argtypes = [p, i64, p, i32, i32, i32, p, p]
+    lib.tasc_context_rows.argtypes = [p, i64, p, i32, i32, i32, p, p, p]
     for fn in (lib.tasc_walk, lib.tasc_lookup, lib.tasc_context_rows):
         fn.restype = i32
     return lib

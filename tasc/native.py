@@ -25,6 +25,9 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "draft": ("-O2",),
 }
 NEEDS: dict[str, tuple[str, ...]] = {"small_gemm": ("avx2", "fma"), "draft": ()}
+# The sources as they were when this process imported tasc: the ctypes signatures in the
+# Python modules of the same moment match them, even if the files change while it runs.
+SOURCES: dict[str, bytes] = {name: (KERNELS / f"{name}.c").read_bytes() for name in FLAGS}
 
 
 def cache_dir() -> Path:
@@ -45,8 +48,8 @@ def build(name: str) -> Path | None:
     """Compile ``kernels/<name>.c`` into the cache unless it is there; the library's path, or
     None without a compiler (or when it fails). Does not check the CPU: images build here."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    source, flags = KERNELS / f"{name}.c", FLAGS[name]
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    source, flags = SOURCES[name], FLAGS[name]
+    key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     lib = cache_dir() / f"{name}-{key}.so"
     if lib.exists():
         return lib
@@ -55,7 +58,10 @@ def build(name: str) -> Path | None:
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
-    done = subprocess.run([cc, *flags, "-fPIC", "-shared", "-o", tmp, str(source)], capture_output=True)
+    with tempfile.TemporaryDirectory() as work:
+        src = Path(work) / f"{name}.c"
+        src.write_bytes(source)
+        done = subprocess.run([cc, *flags, "-fPIC", "-shared", "-o", tmp, str(src)], capture_output=True)
     if done.returncode != 0:
         os.unlink(tmp)
         return None
@@ -70,7 +76,10 @@ def load(name: str) -> ctypes.CDLL | None:
     if os.environ.get("TASC_NATIVE", "1") == "0" or not set(NEEDS[name]) <= cpu_flags():
         return None
     lib = build(name)
-    return ctypes.CDLL(str(lib)) if lib else None
+    try:
+        return ctypes.CDLL(str(lib)) if lib else None
+    except OSError:  # e.g. an image without the OpenMP runtime: the fallback path runs
+        return None
 
 
 if __name__ == "__main__":  # python -m tasc.native: build every kernel (container images do)

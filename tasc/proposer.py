@@ -38,6 +38,9 @@ class ProposerConfig:
     use_context: bool = True  # mix in n-grams of the prompt and the text generated so far
     use_corpus: bool = True
     context_prior: float = 0.5  # shrinkage for context-match estimates (few rows)
+    # Scale that shrinkage by n / span, where span is how far back the most recent occurrence
+    # matches the context's end (n..64 tokens): a long match means the text is being copied.
+    context_span: bool = True
     corpus_prior: float = 1.0
 
 
@@ -86,6 +89,7 @@ class Proposer:
         # Context n-gram index, kept incrementally: the context only grows during a request.
         self._ctx: list[int] = []
         self._ctx_index: dict[int, dict[tuple, list[int]]] = {n: {} for n in CONTEXT_LEVELS}
+        self._span = 0  # match length of the last context lookup (see ProposerConfig.context_span)
         self.proposed = 0
         self.accepted = 0
 
@@ -98,7 +102,9 @@ class Proposer:
         if cfg.use_corpus and self.draft is not None and self.draft.num_tokens:
             sources.append(("corpus", self.draft.continuations(context, cfg.max_len), cfg.corpus_prior))
         if cfg.use_context:
-            sources.append(("context", self._context_rows(context), cfg.context_prior))
+            rows = self._context_rows(context)
+            prior = cfg.context_prior * (rows[1] / self._span if cfg.context_span and self._span else 1.0)
+            sources.append(("context", rows, prior))
         chain = None  # cumulative product of the chosen probs: P(first i all accepted)
         for name, (rows, _n), prior in sources:
             if not len(rows):
@@ -136,9 +142,10 @@ class Proposer:
             context = np.ascontiguousarray(context, dtype=np.int64)
             width = self.config.max_len
             out = np.empty((16, width), dtype=np.int64)
-            matched = ctypes.c_int(0)
+            matched, span = ctypes.c_int(0), ctypes.c_int(0)
             rows = lib.tasc_context_rows(context.ctypes.data, len(context), _LEVELS.ctypes.data, len(_LEVELS), 16,
-                                         width, out.ctypes.data, ctypes.byref(matched))
+                                         width, out.ctypes.data, ctypes.byref(matched), ctypes.byref(span))
+            self._span = span.value
             return out[:rows], matched.value
         ctx = self._ctx
         start = len(ctx)
@@ -153,11 +160,16 @@ class Proposer:
             ends = self._ctx_index[n].get(tuple(ctx[L - n :]), ())
             prev = [e for e in ends[-17:] if e < L - 1][::-1][:16]  # the suffix itself is excluded
             if prev:
+                e, j = prev[0], n  # how far the most recent occurrence matches the end
+                while j < 64 and e - j >= 0 and ctx[e - j] == ctx[L - 1 - j]:
+                    j += 1
+                self._span = j
                 rows = [ctx[e + 1 : e + 1 + width] for e in prev]
                 out = np.full((len(rows), width), SEP, dtype=np.int64)
                 for r, row in enumerate(rows):
                     out[r, : len(row)] = row
                 return out, n
+        self._span = 0
         return np.empty((0, width), dtype=np.int64), 0
 
     def update(self, probs: np.ndarray, n_accepted: int) -> None:

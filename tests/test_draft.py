@@ -383,7 +383,7 @@ def test_compiled_walk_matches_the_numpy_reference():
             assert toks.dtype == np.int64 and probs.dtype == np.float64
 
 
-def test_compiled_lookups_match_the_numpy_references():
+def test_compiled_lookups_match_the_numpy_references(monkeypatch):
     from tasc.draft import _draft_kernels, context_continuations
     from tasc.proposer import Proposer
 
@@ -398,8 +398,13 @@ def test_compiled_lookups_match_the_numpy_references():
         rows, n = draft.continuations(ctx, 12)
         ref_rows, ref_n = draft.continuations_numpy(ctx, 12)
         assert n == ref_n and np.array_equal(rows, ref_rows)
-        got, got_n = Proposer(None)._context_rows(ctx)
+        compiled = Proposer(None)
+        got, got_n = compiled._context_rows(ctx)
         want, want_n = context_continuations(ctx, 16)
         assert got_n == want_n and np.array_equal(got, want)
+        python = Proposer(None)
+        monkeypatch.setattr("tasc.proposer._draft_kernels", lambda: None)
+        assert np.array_equal(python._context_rows(ctx)[0], want) and python._span == compiled._span
+        monkeypatch.undo()
     hits, _ = draft.continuations(np.array([1, 2], dtype=np.int64), 12)
     assert len(hits) == 16  # many occurrences: thinned to an even spread

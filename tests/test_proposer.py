@@ -84,14 +84,19 @@ def test_context_proposals_follow_the_growing_context(kernels, monkeypatch):
     if kernels == "python":
         monkeypatch.setattr("tasc.proposer._draft_kernels", lambda: None)
     rng = np.random.default_rng(5)
-    cfg = ProposerConfig(max_len=8, min_prob=0.0, use_corpus=False)
+    cfg = ProposerConfig(max_len=8, min_prob=0.0, use_corpus=False, context_span=False)
     # Random stretches, then a periodic one (more than 16 earlier occurrences of each suffix).
     seq = np.concatenate([rng.integers(0, 4, 60), rng.integers(0, 3, 100), np.tile([0, 1, 2], 30)]).astype(np.int64)
     p = Proposer(None, cfg)
+    spans = Proposer(None, ProposerConfig(max_len=8, use_corpus=False))
     drafted = 0
     L = 1
     while L <= len(seq):
         toks, probs = p.propose(seq[:L])
+        spans.propose(seq[:L])
+        if spans._span:  # the match length the compiled scan and the index agree on (both paths run)
+            e = len(seq[:L]) - 1
+            assert spans._span >= 2 and (spans._span == 64 or spans._span <= e)
         rows, _ = context_continuations(seq[:L], cfg.max_len)
         exp_toks, exp_probs = walk_continuations(rows, cfg.max_len, prior=cfg.context_prior)
         assert toks.tolist() == exp_toks.tolist(), L
@@ -150,3 +155,18 @@ def test_proposers_of_one_run_share_their_calibration():
     _, boosted = second.propose(ctx)  # the next request starts from what the first learned
     _, fresh = Proposer(None).propose(ctx)
     assert len(boosted) >= len(fresh) and boosted[0] > fresh[0]
+
+
+def test_a_long_copied_span_is_trusted_more_than_a_short_match():
+    passage = list(range(100, 140))
+    copying = np.array(passage + [7, 8] + passage[:12], dtype=np.int64)  # the answer copies 12 tokens
+    short = np.array(passage + [7, 8] + [1, 2, 3, 4, 5, 6, 7, 8] + passage[8:12], dtype=np.int64)
+    cfg = ProposerConfig(use_corpus=False, min_prob=0.0)
+    p, q = Proposer(None, cfg), Proposer(None, cfg)
+    long_toks, long_probs = p.propose(copying)
+    short_toks, short_probs = q.propose(short)
+    assert p._span == 12 and q._span == 4
+    assert long_toks[:4].tolist() == short_toks[:4].tolist() == passage[12:16]
+    assert long_probs[0] > short_probs[0]
+    off = Proposer(None, ProposerConfig(use_corpus=False, min_prob=0.0, context_span=False))
+    assert off.propose(copying)[1][0] == pytest.approx(short_probs[0])

@@ -70,10 +70,12 @@ int tasc_lookup(const uint32_t *keys, const int32_t *ends, int64_t nk, const int
 /* Prompt-lookup rows (tasc.draft.context_continuations): for the first level n in levels
  * (longest first) with L > n, what followed earlier occurrences of the context's last n
  * tokens, the most recent first, at most max_rows; each row SEP-padded to max_len.
- *   ctx int64 (L,); out int64 (max_rows, max_len); *matched = n (0: none); returns rows. */
+ *   ctx int64 (L,); out int64 (max_rows, max_len); *matched = n (0: none); *span = how far
+ *   the most recent occurrence matches the context's end, n..64 tokens; returns rows. */
 int tasc_context_rows(const int64_t *ctx, int64_t L, const int *levels, int nlevels, int max_rows,
-                      int max_len, int64_t *out, int *matched) {
+                      int max_len, int64_t *out, int *matched, int *span) {
     *matched = 0;
+    *span = 0;
     for (int l = 0; l < nlevels; l++) {
         int n = levels[l], rows = 0;
         if (L <= n) continue;
@@ -82,6 +84,11 @@ int tasc_context_rows(const int64_t *ctx, int64_t L, const int *levels, int nlev
             int ok = 1;
             for (int t = 0; t < n && ok; t++) ok = ctx[e - n + 1 + t] == suffix[t];
             if (!ok) continue;
+            if (rows == 0) {
+                int j = n;
+                while (j < 64 && e - j >= 0 && ctx[e - j] == ctx[L - 1 - j]) j++;
+                *span = j;
+            }
             for (int t = 0; t < max_len; t++)
                 out[(int64_t)rows * max_len + t] = e + 1 + t < L ? ctx[e + 1 + t] : SEP;
             rows++;
