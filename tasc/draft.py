@@ -152,7 +152,12 @@ def _draft_kernels():
     lib.tasc_walk.argtypes = [p, i32, i32, ctypes.c_double, p, p]
     lib.tasc_lookup.argtypes = [p, p, i64, p, p, i32, ctypes.c_uint32, i32, i32, p]
     lib.tasc_context_rows.argtypes = [p, i64, p, i32, i32, i32, p, p, p]
-    for fn in (lib.tasc_walk, lib.tasc_lookup, lib.tasc_context_rows):
+    lib.tasc_lookup_levels.argtypes = [p, p, p, p, i32, p, p, i64, i32, i32, p, p]
+    f64 = ctypes.c_double
+    lib.tasc_corpus_draft.argtypes = [p, p, p, p, i32, p, p, i64, i32, i32, f64, p, p, p]
+    lib.tasc_context_draft.argtypes = [p, i64, p, i32, i32, i32, f64, i32, p, p, p, p]
+    for fn in (lib.tasc_walk, lib.tasc_lookup, lib.tasc_context_rows, lib.tasc_lookup_levels, lib.tasc_corpus_draft,
+               lib.tasc_context_draft):
         fn.restype = i32
     return lib
 
@@ -210,8 +215,12 @@ class BoundDraft:
         for n in self.levels:
             self._index_level(n)
         # Addresses for the compiled lookup (the arrays are never reallocated).
-        self._addr = {n: (self.keys[n].ctypes.data, self.order[n].ctypes.data) for n in self.levels}
+        self._key_addr = np.array([self.keys[n].ctypes.data for n in self.levels], dtype=np.uint64)
+        self._end_addr = np.array([self.order[n].ctypes.data for n in self.levels], dtype=np.uint64)
+        self._nks = np.array([len(self.keys[n]) for n in self.levels], dtype=np.int64)
+        self._levels = np.array(self.levels, dtype=np.int32)
         self._padded_addr = self._padded.ctypes.data
+        self._addrs = tuple(a.ctypes.data for a in (self._key_addr, self._end_addr, self._nks, self._levels))
 
     @classmethod
     def from_corpus(cls, draft: DraftCorpus, tokenizer, **kw) -> BoundDraft:
@@ -259,16 +268,11 @@ class BoundDraft:
             return self.continuations_numpy(context, max_len)
         context = np.ascontiguousarray(context, dtype=np.int64)
         out = np.empty((self.max_rows, max_len), dtype=np.int64)
-        for n in self.levels:
-            if len(context) < n or not len(self.keys[n]):
-                continue
-            pattern = context[len(context) - n :]
-            keys, ends = self._addr[n]
-            rows = lib.tasc_lookup(keys, ends, len(self.keys[n]), self._padded_addr, pattern.ctypes.data, n,
-                                   hash_pattern(pattern.tolist()), self.max_rows, max_len, out.ctypes.data)
-            if rows:
-                return out[:rows], n
-        return np.empty((0, max_len), dtype=np.int64), 0
+        matched = ctypes.c_int(0)
+        rows = lib.tasc_lookup_levels(*self._addrs, len(self.levels), self._padded_addr,
+                                      context.ctypes.data, len(context), self.max_rows, max_len, out.ctypes.data,
+                                      ctypes.byref(matched))
+        return out[:rows], matched.value
 
     def continuations_numpy(self, context: np.ndarray, max_len: int) -> tuple[np.ndarray, int]:
         """The reference of :meth:`continuations`."""

@@ -28,6 +28,7 @@ from tasc.draft import SEP, BoundDraft, _draft_kernels, walk_continuations
 
 CONTEXT_LEVELS = (4, 3, 2)
 _LEVELS = np.asarray(CONTEXT_LEVELS, dtype=np.int32)
+_LEVELS_AT = _LEVELS.ctypes.data
 _EMPTY = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
 
 
@@ -90,6 +91,7 @@ class Proposer:
         self._ctx: list[int] = []
         self._ctx_index: dict[int, dict[tuple, list[int]]] = {n: {} for n in CONTEXT_LEVELS}
         self._span = 0  # match length of the last context lookup (see ProposerConfig.context_span)
+        self._buf = None  # scratch arrays of the compiled path
         self.proposed = 0
         self.accepted = 0
 
@@ -98,18 +100,21 @@ class Proposer:
         cfg = self.config
         best = _EMPTY
         best_value = 0.0
-        sources = []
-        if cfg.use_corpus and self.draft is not None and self.draft.num_tokens:
-            sources.append(("corpus", self.draft.continuations(context, cfg.max_len), cfg.corpus_prior))
-        if cfg.use_context:
-            rows = self._context_rows(context)
-            prior = cfg.context_prior * (rows[1] / self._span if cfg.context_span and self._span else 1.0)
-            sources.append(("context", rows, prior))
+        use_corpus = cfg.use_corpus and self.draft is not None and self.draft.num_tokens
+        lib = _draft_kernels()
+        if lib is not None:  # each source's lookup and walk in one compiled call
+            sources = self._native_drafts(lib, np.ascontiguousarray(context, dtype=np.int64), use_corpus)
+        else:
+            sources = []
+            if use_corpus:
+                rows, _ = self.draft.continuations(context, cfg.max_len)
+                sources.append(("corpus", walk_continuations(rows, cfg.max_len, prior=cfg.corpus_prior)))
+            if cfg.use_context:
+                rows, n = self._context_rows(context)
+                prior = cfg.context_prior * (n / self._span if cfg.context_span and self._span else 1.0)
+                sources.append(("context", walk_continuations(rows, cfg.max_len, prior=prior)))
         chain = None  # cumulative product of the chosen probs: P(first i all accepted)
-        for name, (rows, _n), prior in sources:
-            if not len(rows):
-                continue
-            toks, probs = walk_continuations(rows, cfg.max_len, prior=prior)
+        for name, (toks, probs) in sources:
             if not len(toks):
                 continue
             probs = np.minimum(probs * self.trust[name], 0.99)
@@ -131,6 +136,32 @@ class Proposer:
         gain[1:] += 1.0
         k = int(np.argmax(gain / self.cost[1 : m + 2]))
         return toks[:k], probs[:k]
+
+    def _native_drafts(self, lib, context: np.ndarray, use_corpus: bool) -> list:
+        """[(source, (tokens, probs))] from kernels/draft.c, the same as the numpy path."""
+        cfg, width = self.config, self.config.max_len
+        if self._buf is None:  # scratch rows and outputs, reused from step to step
+            rows = np.empty((64, width), dtype=np.int64)
+            toks, probs = np.empty(width, dtype=np.int64), np.empty(width, dtype=np.float64)
+            self._buf = (rows, toks, probs, rows.ctypes.data, toks.ctypes.data, probs.ctypes.data)
+        rows, toks, probs, rows_at, toks_at, probs_at = self._buf
+        ctx_at = context.ctypes.data
+        out = []
+        if use_corpus:
+            d = self.draft
+            key_at, end_at, nks_at, levels_at = d._addrs
+            k = lib.tasc_corpus_draft(key_at, end_at, nks_at, levels_at, len(d.levels), d._padded_addr, ctx_at,
+                                      len(context), min(d.max_rows, 64), width, cfg.corpus_prior, rows_at, toks_at,
+                                      probs_at)
+            out.append(("corpus", (toks[:k].copy(), probs[:k].copy())))
+        if cfg.use_context:
+            span = ctypes.c_int(0)
+            k = lib.tasc_context_draft(ctx_at, len(context), _LEVELS_AT, len(_LEVELS), 16,
+                                       width, cfg.context_prior, int(cfg.context_span), rows_at, toks_at, probs_at,
+                                       ctypes.byref(span))
+            self._span = span.value
+            out.append(("context", (toks[:k].copy(), probs[:k].copy())))
+        return out
 
     def _context_rows(self, context: np.ndarray) -> tuple[np.ndarray, int]:
         """Prompt-lookup rows: what followed earlier occurrences of the context's own suffix,

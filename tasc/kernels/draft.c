@@ -14,18 +14,27 @@
  * smallest id, as np.unique + argmax); the walk stops at SEP or when no row is left. */
 int tasc_walk(const int64_t *rows, int R, int W, double prior, int64_t *toks, double *probs) {
     int active[4096];
+    int64_t col[4096];
     int n = R < 4096 ? R : 4096, k = 0;
     for (int i = 0; i < n; i++) active[i] = i;
     for (int j = 0; j < W && n > 0; j++) {
-        int64_t best = 0;
-        int best_count = 0;
-        for (int a = 0; a < n; a++) { /* mode of column j over the active rows, O(n^2), n small */
-            int64_t v = rows[(int64_t)active[a] * W + j];
-            int seen = 0, count = 0;
-            for (int b = 0; b < a && !seen; b++) seen = rows[(int64_t)active[b] * W + j] == v;
-            if (seen) continue;
-            for (int b = a; b < n; b++) count += rows[(int64_t)active[b] * W + j] == v;
-            if (count > best_count || (count == best_count && v < best)) best = v, best_count = count;
+        int64_t best = rows[(int64_t)active[0] * W + j];
+        int best_count = n;
+        for (int a = 1; a < n; a++) /* the common case: every remaining row agrees, O(n) */
+            if (rows[(int64_t)active[a] * W + j] != best) { best_count = 0; break; }
+        if (!best_count) { /* mode of column j: sort a copy (insertion, n small), longest run */
+            for (int a = 0; a < n; a++) {
+                int64_t v = rows[(int64_t)active[a] * W + j];
+                int b = a;
+                while (b > 0 && col[b - 1] > v) { col[b] = col[b - 1]; b--; }
+                col[b] = v;
+            }
+            for (int a = 0; a < n;) { /* ascending: the first longest run has the smallest id */
+                int b = a;
+                while (b < n && col[b] == col[a]) b++;
+                if (b - a > best_count) best = col[a], best_count = b - a;
+                a = b;
+            }
         }
         if (best == SEP) break;
         toks[k] = best;
@@ -67,6 +76,34 @@ int tasc_lookup(const uint32_t *keys, const int32_t *ends, int64_t nk, const int
     return rows;
 }
 
+/* The window hash of tasc.draft.hash_windows / hash_pattern, for one n-token pattern. */
+static uint32_t hash_pattern(const int64_t *t, int n) {
+    uint64_t h = 0;
+    for (int j = 0; j < n; j++) h = (h ^ (uint64_t)t[j]) * 0x9E3779B97F4A7C15ULL;
+    h ^= h >> 31;
+    h *= 0xBF58476D1CE4E5B9ULL;
+    return (uint32_t)(h >> 32);
+}
+
+/* All levels of BoundDraft.continuations in one call: for n in levels (longest first) with
+ * L >= n and an index, tasc_lookup of the context's last n tokens; the first level with rows
+ * wins. keys/ends: per level, the addresses of that level's arrays; nks their lengths.
+ *   *matched = n (0: none); returns rows. */
+int tasc_lookup_levels(const uint64_t *keys, const uint64_t *ends, const int64_t *nks, const int *levels,
+                       int nlevels, const int32_t *padded, const int64_t *ctx, int64_t L, int max_rows,
+                       int max_len, int64_t *out, int *matched) {
+    *matched = 0;
+    for (int l = 0; l < nlevels; l++) {
+        int n = levels[l];
+        if (L < n || nks[l] == 0) continue;
+        const int64_t *pattern = ctx + L - n;
+        int rows = tasc_lookup((const uint32_t *)(uintptr_t)keys[l], (const int32_t *)(uintptr_t)ends[l], nks[l],
+                               padded, pattern, n, hash_pattern(pattern, n), max_rows, max_len, out);
+        if (rows) { *matched = n; return rows; }
+    }
+    return 0;
+}
+
 /* Prompt-lookup rows (tasc.draft.context_continuations): for the first level n in levels
  * (longest first) with L > n, what followed earlier occurrences of the context's last n
  * tokens, the most recent first, at most max_rows; each row SEP-padded to max_len.
@@ -96,4 +133,25 @@ int tasc_context_rows(const int64_t *ctx, int64_t L, const int *levels, int nlev
         if (rows) { *matched = n; return rows; }
     }
     return 0;
+}
+
+/* Fused for Proposer.propose (one call per source and step): the corpus rows of
+ * tasc_lookup_levels walked by tasc_walk. rows: scratch int64 (max_rows, max_len). Returns k. */
+int tasc_corpus_draft(const uint64_t *keys, const uint64_t *ends, const int64_t *nks, const int *levels,
+                      int nlevels, const int32_t *padded, const int64_t *ctx, int64_t L, int max_rows,
+                      int max_len, double prior, int64_t *rows, int64_t *toks, double *probs) {
+    int matched;
+    int R = tasc_lookup_levels(keys, ends, nks, levels, nlevels, padded, ctx, L, max_rows, max_len, rows, &matched);
+    return R ? tasc_walk(rows, R, max_len, prior, toks, probs) : 0;
+}
+
+/* The context rows of tasc_context_rows walked by tasc_walk, the prior scaled by n / span when
+ * use_span (tasc.proposer.ProposerConfig.context_span). *span as there. Returns k. */
+int tasc_context_draft(const int64_t *ctx, int64_t L, const int *levels, int nlevels, int max_rows, int max_len,
+                       double prior, int use_span, int64_t *rows, int64_t *toks, double *probs, int *span) {
+    int matched;
+    int R = tasc_context_rows(ctx, L, levels, nlevels, max_rows, max_len, rows, &matched, span);
+    if (!R) return 0;
+    if (use_span && *span) prior *= (double)matched / *span;
+    return tasc_walk(rows, R, max_len, prior, toks, probs);
 }
