@@ -152,6 +152,7 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 def group_attention(model) -> bool:
     """Switch a grouped-query model that uses SDPA to :func:`grouped_sdpa`; True if switched."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     config = model.config
     if getattr(config, "_attn_implementation", None) != "sdpa":
@@ -159,6 +160,9 @@ def group_attention(model) -> bool:
     if getattr(config, "num_key_value_heads", None) in (None, getattr(config, "num_attention_heads", None)):
         return False
     AttentionInterface.register(ATTENTION, grouped_sdpa)
+    # Masks as for "sdpa": transformers builds none at all for an attention it does not know,
+    # which would drop padding and per-row masks of batched decoding.
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     model.set_attn_implementation(ATTENTION)
     return True
 

@@ -38,9 +38,18 @@ MAX_NEW = 32
 TIE = 1e-4  # fp32 logits of the tiny model are O(10): a gap this small is rounding noise
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_lm):
-    return tiny_lm
+@pytest.fixture(scope="module", params=["torch", "auto"])
+def lm(request, tiny_lm, tiny_model_dir):
+    """The tiny model with transformers' layers, and with tasc's CPU kernels (packed linears,
+    grouped attention), whose masks must carry padding and the per-row holes as well."""
+    if request.param == "torch":
+        return tiny_lm
+    from tasc.models import load_model
+
+    loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu", kernels="auto")
+    if loaded.kernels == "torch":
+        pytest.skip("the CPU kernels are not available here")
+    return loaded
 
 
 @pytest.fixture(scope="module")
