@@ -24,6 +24,8 @@ def pytest_configure(config):
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The C kernels are compiled afresh into the session folder: the build path is tested too.
+    os.environ.setdefault("TASC_KERNEL_CACHE", str(_SESSION_HOME / "kernels"))
     # On a small shared machine, one intra-op thread per process avoids spin-waiting cores
     # (a step with two threads while the other core is busy is several times slower).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
