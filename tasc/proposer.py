@@ -165,19 +165,10 @@ class Proposer:
 
     def _context_rows(self, context: np.ndarray) -> tuple[np.ndarray, int]:
         """Prompt-lookup rows: what followed earlier occurrences of the context's own suffix,
-        most recent first (at most 16), from the longest matching level. A scan in
-        kernels/draft.c where available (microseconds even for long prompts), else an
-        incremental n-gram index; both give tasc.draft.context_continuations's rows."""
-        lib = _draft_kernels()
-        if lib is not None:
-            context = np.ascontiguousarray(context, dtype=np.int64)
-            width = self.config.max_len
-            out = np.empty((16, width), dtype=np.int64)
-            matched, span = ctypes.c_int(0), ctypes.c_int(0)
-            rows = lib.tasc_context_rows(context.ctypes.data, len(context), _LEVELS.ctypes.data, len(_LEVELS), 16,
-                                         width, out.ctypes.data, ctypes.byref(matched), ctypes.byref(span))
-            self._span = span.value
-            return out[:rows], matched.value
+        most recent first (at most 16), from the longest matching level, from an n-gram index
+        kept incrementally (the context only grows during a request). The path without the C
+        kernels; ``tasc_context_draft`` in kernels/draft.c is the compiled one (same rows, tested
+        against tasc.draft.context_continuations)."""
         ctx = self._ctx
         start = len(ctx)
         ctx.extend(context[start:].tolist())
