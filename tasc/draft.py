@@ -149,15 +149,13 @@ def _draft_kernels():
     if lib is None:
         return None
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    lib.tasc_walk.argtypes = [p, i32, i32, ctypes.c_double, p, p]
-    lib.tasc_lookup.argtypes = [p, p, i64, p, p, i32, ctypes.c_uint32, i32, i32, p]
-    lib.tasc_context_rows.argtypes = [p, i64, p, i32, i32, i32, p, p, p]
-    lib.tasc_lookup_levels.argtypes = [p, p, p, p, i32, p, p, i64, i32, i32, p, p]
     f64 = ctypes.c_double
+    # The entry points called from Python (tasc_lookup and tasc_context_rows are C-internal).
+    lib.tasc_walk.argtypes = [p, i32, i32, f64, p, p]
+    lib.tasc_lookup_levels.argtypes = [p, p, p, p, i32, p, p, i64, i32, i32, p, p]
     lib.tasc_corpus_draft.argtypes = [p, p, p, p, i32, p, p, i64, i32, i32, f64, p, p, p]
     lib.tasc_context_draft.argtypes = [p, i64, p, i32, i32, i32, f64, i32, p, p, p, p]
-    for fn in (lib.tasc_walk, lib.tasc_lookup, lib.tasc_context_rows, lib.tasc_lookup_levels, lib.tasc_corpus_draft,
-               lib.tasc_context_draft):
+    for fn in (lib.tasc_walk, lib.tasc_lookup_levels, lib.tasc_corpus_draft, lib.tasc_context_draft):
         fn.restype = i32
     return lib
 

@@ -56,11 +56,19 @@ def best_length(probs: np.ndarray, cost: np.ndarray) -> int:
 
     probs float64 (k,); cost float64 (K+1,) with cost[m] the relative cost of an m-token
     forward (cost[1] == 1). Returns 0 when no draft beats a plain step."""
-    k = min(len(probs), len(cost) - 2)
+    return _best_length(np.cumprod(probs), cost)
+
+
+def _best_length(chain: np.ndarray, cost: np.ndarray) -> int:
+    """best_length from chain = cumprod(probs), which propose has at hand already."""
+    k = min(len(chain), len(cost) - 2)
     if k <= 0:
         return 0
-    gain = expected_tokens(probs[:k]) / cost[1 : k + 2]
-    return int(np.argmax(gain))  # index 0 is the plain step (gain 1 / cost[1] == 1)
+    gain = np.empty(k + 1)  # expected tokens of verifying the first i draft tokens, i = 0..k
+    gain[0] = 1.0
+    np.cumsum(chain[:k], out=gain[1:])
+    gain[1:] += 1.0
+    return int(np.argmax(gain / cost[1 : k + 2]))  # index 0 is the plain step (gain 1 / cost[1] == 1)
 
 
 def new_trust() -> dict[str, float]:
@@ -125,16 +133,8 @@ class Proposer:
         toks, probs = best
         if chain is None:
             return _EMPTY
-        # Fewer numpy calls than best_length(probs[:keep], cost): this runs every step.
         keep = int(np.searchsorted(-chain, -cfg.min_prob, side="right"))
-        m = min(keep, len(self.cost) - 2)
-        if m <= 0:
-            return _EMPTY
-        gain = np.empty(m + 1)
-        gain[0] = 1.0
-        np.cumsum(chain[:m], out=gain[1:])
-        gain[1:] += 1.0
-        k = int(np.argmax(gain / self.cost[1 : m + 2]))
+        k = _best_length(chain[:keep], self.cost)
         return toks[:k], probs[:k]
 
     def _native_drafts(self, lib, context: np.ndarray, use_corpus: bool) -> list:

@@ -55,15 +55,18 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
 def flat_bench_metrics(summary: dict) -> dict:
     """Flatten a benchmark summary into MLflow metric names, e.g. ``tasc-spec.chars_per_s``
     (method options such as ``tasc-spec@max_len=24`` become ``tasc-spec_max_len_24``)."""
+    def metric_name(method: str) -> str:
+        return method.replace("@", "_").replace("=", "_")
+
     out = {}
     for raw, entry in summary["methods"].items():
-        name = raw.replace("@", "_").replace("=", "_")
+        name = metric_name(raw)
         for key in ("chars_per_s", "tokens_per_s", "latency_ms_p50", "latency_ms_p95", "forward_passes",
                     "acceptance_rate", "mean_accepted_length", "metric", "identical_to_greedy",
                     "tokens_per_completion", "propose_share"):
             out[f"{name}.{key}"] = entry.get(key)
     for name, r in summary["speedup_vs_greedy"].items():
-        out[f"speedup.{name.replace('@', '_').replace('=', '_')}"] = r
+        out[f"speedup.{metric_name(name)}"] = r
     for k, v in summary.get("verify_cost", {}).items():
         out[f"verify_cost.{k}"] = v
     return out
