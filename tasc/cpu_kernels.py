@@ -139,7 +139,10 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 
     n_rep = getattr(module, "num_key_value_groups", 1)
     b, h, t, d = query.shape
-    if n_rep == 1 or t == 1 or dropout or kwargs.get("position_bias") is not None or query.device.type != "cpu":
+    # A prompt prefill (t > LONG) goes to transformers too: its causal kernel skips the masked
+    # half, and one copy of the keys per prefill costs little next to that.
+    if (n_rep == 1 or t == 1 or t > LONG or dropout or kwargs.get("position_bias") is not None
+            or query.device.type != "cpu"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                       **kwargs)
     s = key.shape[2]

@@ -295,7 +295,7 @@ class BoundDraft:
         return np.empty((0, max_len), dtype=np.int64), 0
 
 
-def context_continuations(context: np.ndarray, max_len: int, levels: Sequence[int] = (4, 3, 2)) -> tuple[np.ndarray, int]:
+def context_continuations(context: np.ndarray, max_len: int, levels: Sequence[int] = (4, 3, 2, 1)) -> tuple[np.ndarray, int]:
     """Prompt-lookup rows: what followed earlier occurrences of the context's own suffix.
 
     context: int64 (L,). Returns (cont int64 (R, max_len), n matched), the most recent

@@ -26,9 +26,7 @@ import numpy as np
 
 from tasc.draft import SEP, BoundDraft, _draft_kernels, walk_continuations
 
-CONTEXT_LEVELS = (4, 3, 2)
-_LEVELS = np.asarray(CONTEXT_LEVELS, dtype=np.int32)
-_LEVELS_AT = _LEVELS.ctypes.data
+CONTEXT_MAX_N = 4  # the longest context suffix matched; shorter ones are tried after it
 _EMPTY = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
 
 
@@ -39,6 +37,10 @@ class ProposerConfig:
     use_context: bool = True  # mix in n-grams of the prompt and the text generated so far
     use_corpus: bool = True
     context_prior: float = 0.5  # shrinkage for context-match estimates (few rows)
+    # Shortest context suffix matched (4, 3, .. down to this). A one-token match still drafts:
+    # after the first token of a span the answer copies from the prompt, only that token
+    # matches, and the walk's agreement estimate keeps weak one-token drafts short.
+    context_min_n: int = 1
     # Scale that shrinkage by n / span, where span is how far back the most recent occurrence
     # matches the context's end (n..64 tokens): a long match means the text is being copied.
     context_span: bool = True
@@ -97,7 +99,8 @@ class Proposer:
         self._source = "corpus"  # the source of the last proposal
         # Context n-gram index, kept incrementally: the context only grows during a request.
         self._ctx: list[int] = []
-        self._ctx_index: dict[int, dict[tuple, list[int]]] = {n: {} for n in CONTEXT_LEVELS}
+        self._levels = np.arange(CONTEXT_MAX_N, max(self.config.context_min_n, 1) - 1, -1, dtype=np.int32)
+        self._ctx_index: dict[int, dict[tuple, list[int]]] = {int(n): {} for n in self._levels}
         self._span = 0  # match length of the last context lookup (see ProposerConfig.context_span)
         self._buf = None  # scratch arrays of the compiled path
         self.proposed = 0
@@ -156,7 +159,7 @@ class Proposer:
             out.append(("corpus", (toks[:k].copy(), probs[:k].copy())))
         if cfg.use_context:
             span = ctypes.c_int(0)
-            k = lib.tasc_context_draft(ctx_at, len(context), _LEVELS_AT, len(_LEVELS), 16,
+            k = lib.tasc_context_draft(ctx_at, len(context), self._levels.ctypes.data, len(self._levels), 16,
                                        width, cfg.context_prior, int(cfg.context_span), rows_at, toks_at, probs_at,
                                        ctypes.byref(span))
             self._span = span.value
@@ -176,7 +179,7 @@ class Proposer:
             for i in range(max(start, n - 1), len(ctx)):
                 index.setdefault(tuple(ctx[i - n + 1 : i + 1]), []).append(i)
         L, width = len(ctx), self.config.max_len
-        for n in CONTEXT_LEVELS:
+        for n in self._ctx_index:
             if L <= n:
                 continue
             ends = self._ctx_index[n].get(tuple(ctx[L - n :]), ())

@@ -77,6 +77,18 @@ def test_context_source_is_used_without_a_corpus():
 
 
 @pytest.mark.parametrize("kernels", ["compiled", "python"])
+def test_one_token_context_match_drafts_unless_switched_off(kernels, monkeypatch):
+    """After the first token of a copied span only that token matches the prompt: the default
+    drafts from it; context_min_n=2 (transformers-style two-token minimum) does not."""
+    if kernels == "python":
+        monkeypatch.setattr("tasc.proposer._draft_kernels", lambda: None)
+    ctx = np.array([3, 41, 42, 43, 44, 9, 8, 41], dtype=np.int64)  # 41 occurs once before the end
+    toks, _ = Proposer(None, ProposerConfig(min_prob=0.0)).propose(ctx)
+    assert toks.tolist()[:3] == [42, 43, 44]
+    assert len(Proposer(None, ProposerConfig(min_prob=0.0, context_min_n=2)).propose(ctx)[0]) == 0
+
+
+@pytest.mark.parametrize("kernels", ["compiled", "python"])
 def test_context_proposals_follow_the_growing_context(kernels, monkeypatch):
     """One proposer over a request whose context grows: every proposal equals the walk over
     ``context_continuations`` of the context so far (the prompt-lookup reference), with the
@@ -96,7 +108,7 @@ def test_context_proposals_follow_the_growing_context(kernels, monkeypatch):
         spans.propose(seq[:L])
         if spans._span:  # the match length the compiled scan and the index agree on (both paths run)
             e = len(seq[:L]) - 1
-            assert spans._span >= 2 and (spans._span == 64 or spans._span <= e)
+            assert spans._span >= 1 and (spans._span == 64 or spans._span <= e)
         rows, _ = context_continuations(seq[:L], cfg.max_len)
         exp_toks, exp_probs = walk_continuations(rows, cfg.max_len, prior=cfg.context_prior)
         assert toks.tolist() == exp_toks.tolist(), L
