@@ -27,13 +27,14 @@ import torch
 from tasc.bench import environment, markdown_table, run_benchmark, spread_sample
 from tasc.draft import BoundDraft, build_draft_corpus
 from tasc.engine import DecodeConfig, measure_verify_cost
+from tasc.expand import expand_tokenizer, resize_and_init, round_trip_report
 from tasc.finetune import cpu_config, finetune, gpu_config
 from tasc.harvest import harvest
 from tasc.models import load_model
 from tasc.rounds import count_output_tokens
 from tasc.runners import build_methods, verify_cost_summary
 from tasc.spec import load_spec
-from tasc.vocab import SelectionConfig, expand_tokenizer, resize_and_init, round_trip_report, select_tokens
+from tasc.vocab import SelectionConfig, select_tokens
 
 
 def bench(lms: dict, spec, rows: pd.DataFrame, draft_texts, methods: list[str], ft_draft_texts=None) -> dict:

@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from tasc.expand import expand_tokenizer, resize_and_init, round_trip_report
 from tasc.finetune import FinetuneConfig, cpu_config, evaluate, finetune, gpu_config
 from tasc.finetune_io import encode_rows
-from tasc.vocab import SelectionConfig, expand_tokenizer, resize_and_init, round_trip_report, select_tokens
+from tasc.vocab import SelectionConfig, select_tokens
 
 
 def count_output_tokens(tokenizer, completions) -> np.ndarray:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import tasc.finetune as ft
+from tasc.expand import expand_tokenizer, resize_and_init
 from tasc.finetune import (
     DivergedError,
     FinetuneConfig,
@@ -18,7 +19,6 @@ from tasc.finetune import (
 )
 from tasc.finetune_io import collate, encode_rows
 from tasc.rounds import count_output_tokens, plateau
-from tasc.vocab import expand_tokenizer, resize_and_init
 from tests.test_vocab import snips_completions
 
 TOKENS = ['{"intent": "', '", "slots": {"', '"}}']
