@@ -108,5 +108,6 @@ def ft_only_baseline(spec_path: str, corpus: dict, model: str, settings: dict, d
         raise ValueError("ft-only needs fine-tuning; it is the baseline of fine-tuned rounds")
     lm = load_model(model, dtype=dtype)
     out = vocab_store.ft_only_dir(spec.name, corpus["version"])
-    _prepare(out, fingerprint([corpus["version"], model, settings, dtype]))
+    # Only what changes its training: rounds with other selection settings share one baseline.
+    _prepare(out, fingerprint([corpus["version"], model, config.hash(), dtype]))
     return finetune_only(lm.model, lm.tokenizer, train, val, config, out, spec.chat_template, spec.system_prompt)

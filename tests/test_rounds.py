@@ -181,3 +181,16 @@ def test_finetuned_vocab_flow_trains_ft_only_and_registers(prefect_harness, tiny
     assert reg and alias_version("prompt-completion", "challenger") == reg["version"]
     doc = json.loads(Path(out["report"]).read_text())
     assert doc["registered"]["version"] == reg["version"] and doc["chosen"] == out["chosen"]
+    # Other selection settings, same training: the ft-only baseline resumes its finished run (no new
+    # checkpoint), it is not trained again.
+    base = Path(out["ft_only"]["model_dir"]).parent
+
+    def checkpoints():
+        return {p.relative_to(base): p.stat().st_mtime_ns for p in (base / "finetune" / "checkpoints").rglob("*") if p.is_file()}
+
+    before = ((base / "origin.json").read_text(), checkpoints())
+    assert before[1]
+    again = vocab_flow("prompt-completion", str(tiny_model_dir), rounds=1, finetune=True, max_steps=2,
+                       tokens_per_round=6, min_count=2, eval_prompts=0, register_best=False)
+    assert ((base / "origin.json").read_text(), checkpoints()) == before
+    assert again["ft_only"]["steps"] == 2
