@@ -25,6 +25,7 @@ from flows.runners import default_shards, task_runner
 from flows.stages import DEFAULT_MODEL, bench_flow, draft_flow, finetune_flow, ingest_flow, ngrams_flow
 from flows.vocab import vocab_flow
 from storage.settings import finetune_deployment
+from tasc.vocab import TOKENS_PER_ROUND
 from tasks.models import fetch_model
 from tasks.registry import promote_model, register_model
 from tasks.tracking import end_run, find_previous_run, log_to_run, start_run
@@ -53,7 +54,7 @@ class PipelineParams(BaseModel):
                                     "default, 0: expansion only)")
     finetune_max_steps: int = Field(0, ge=0, description="fine-tuning steps of the chosen round's model after the "
                                     "rounds (0: none); resumes from its last checkpoint")
-    tokens_per_round: int = Field(100, ge=1, description="new tokens per round at most")
+    tokens_per_round: int = Field(TOKENS_PER_ROUND, ge=1, description="new tokens per round at most")
     vocab_min_count: int = Field(5, ge=1, description="occurrences a new token needs")
     eval_prompts: int = Field(8, ge=0, description="validation prompts generated per round for the task metric")
     min_token_gain: float = Field(0.02, description="rounds stop when one saves less than this fraction of tokens")

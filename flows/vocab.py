@@ -15,6 +15,7 @@ from prefect import flow
 from flows.resume import run_cached
 from flows.stages import DEFAULT_MODEL, _corpus, _experiment, bench_flow
 from storage import vocab_store
+from tasc.vocab import TOKENS_PER_ROUND
 from tasks.draft import build_draft
 from tasks.registry import register_model
 from tasks.tracking import end_run, log_to_run, start_run
@@ -88,7 +89,7 @@ def choose_round(base: dict, rounds: list[dict], max_metric_drop: float) -> dict
 
 @flow(name="tasc-vocab", log_prints=True)
 def vocab_flow(spec: str, model: str = DEFAULT_MODEL, rounds: int = 3, finetune: bool = True,
-               max_steps: int | None = None, tokens_per_round: int = 100, min_count: int = 5,
+               max_steps: int | None = None, tokens_per_round: int = TOKENS_PER_ROUND, min_count: int = 5,
                eval_prompts: int = 8, ft_only: bool | None = None, report: str | None = None,
                min_token_gain: float = 0.02, max_metric_drop: float = 0.01, dtype: str = "float32",
                register_best: bool = True, register_limit: int = 8, corpus: dict | None = None,

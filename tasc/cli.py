@@ -106,7 +106,7 @@ def vocab(spec: str = typer.Argument(..., help="spec name or YAML path"), model:
           rounds: int = typer.Option(3, help="vocabulary-expansion rounds (fewer when they plateau)"),
           finetune: bool = typer.Option(True, help="fine-tune after each expansion (--no-finetune: only expand)"),
           max_steps: int | None = typer.Option(None, help="fine-tuning steps per round (default: the device config)"),
-          tokens: int = typer.Option(100, help="new tokens per round at most"),
+          tokens: int = typer.Option(12, help="new tokens per round at most"),  # tasc.vocab.TOKENS_PER_ROUND
           min_count: int = typer.Option(5, help="occurrences a token needs, and tokens it must save"),
           eval_prompts: int = typer.Option(8, help="validation prompts to generate for the task metric (0: none)"),
           ft_only: bool = typer.Option(True, help="also train the fine-tune-only baseline (with fine-tuning)"),

@@ -25,7 +25,7 @@ import numpy as np
 from tasc.expand import expand_tokenizer, resize_and_init, round_trip_report
 from tasc.finetune import FinetuneConfig, cpu_config, evaluate, finetune, gpu_config
 from tasc.finetune_io import encode_rows
-from tasc.vocab import SelectionConfig, select_tokens
+from tasc.vocab import TOKENS_PER_ROUND, SelectionConfig, select_tokens
 
 
 def count_output_tokens(tokenizer, completions) -> np.ndarray:
@@ -61,7 +61,7 @@ class RoundsConfig:
 
 
 def make_config(rounds: int = 3, finetune: bool = True, max_steps: int | None = None,
-                tokens_per_round: int = 100, min_count: int = 5, device: str = "auto") -> RoundsConfig:
+                tokens_per_round: int = TOKENS_PER_ROUND, min_count: int = 5, device: str = "auto") -> RoundsConfig:
     """A RoundsConfig from command-line style settings: cpu_config or gpu_config by device."""
     from tasc.models import pick_device
 

@@ -40,9 +40,17 @@ class TokenizerError(ValueError):
     """A tokenizer that cannot be expanded, or tokens that would not round-trip."""
 
 
+# New tokens per round. Each new row must learn to beat its own first piece at the argmax
+# within the round's fine-tuning budget. Measured on SNIPS with SmolLM2-135M and the CPU
+# budget (60 LoRA steps), task metric of tasc-ft against ft-only on 30 test prompts: 99
+# tokens -12.9 points, 30 tokens -5.1, 12 tokens -1.3 (41.8% fewer output tokens). Rounds
+# repeat, so more tokens come in steps, each round trained on the last.
+TOKENS_PER_ROUND = 12
+
+
 @dataclass(frozen=True)
 class SelectionConfig:
-    tokens_per_round: int = 100
+    tokens_per_round: int = TOKENS_PER_ROUND
     min_count: int = 5  # occurrences for a candidate, and tokens a chosen one must save
     max_chars: int = 32
     max_base_tokens: int = 16

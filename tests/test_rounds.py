@@ -194,3 +194,20 @@ def test_finetuned_vocab_flow_trains_ft_only_and_registers(prefect_harness, tiny
                        tokens_per_round=6, min_count=2, eval_prompts=0, register_best=False)
     assert ((base / "origin.json").read_text(), checkpoints()) == before
     assert again["ft_only"]["steps"] == 2
+
+
+def test_tokens_per_round_default_is_one_number_everywhere():
+    """The CLI, the flows and the selection config share the measured default."""
+    import inspect
+
+    from flows.pipeline import PipelineParams
+    from flows.vocab import vocab_flow
+    from tasc.cli import vocab
+    from tasc.rounds import make_config
+    from tasc.vocab import TOKENS_PER_ROUND
+
+    assert SelectionConfig().tokens_per_round == TOKENS_PER_ROUND
+    assert make_config().selection.tokens_per_round == TOKENS_PER_ROUND
+    assert inspect.signature(vocab_flow.fn).parameters["tokens_per_round"].default == TOKENS_PER_ROUND
+    assert PipelineParams(spec="snips").tokens_per_round == TOKENS_PER_ROUND
+    assert inspect.signature(vocab).parameters["tokens"].default.default == TOKENS_PER_ROUND
