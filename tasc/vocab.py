@@ -43,7 +43,7 @@ class TokenizerError(ValueError):
 # New tokens per round. Each new row must learn to beat its own first piece at the argmax
 # within the round's fine-tuning budget. Measured on SNIPS with SmolLM2-135M and the CPU
 # budget (60 LoRA steps), task metric of tasc-ft against ft-only on 30 test prompts: 99
-# tokens -12.9 points, 30 tokens -5.1, 12 tokens -1.3 (41.8% fewer output tokens). Rounds
+# tokens -16.8 points, 30 tokens -5.1, 12 tokens -1.3 (41.8% fewer output tokens). Rounds
 # repeat, so more tokens come in steps, each round trained on the last.
 TOKENS_PER_ROUND = 12
 
