@@ -39,6 +39,7 @@ from tasc import native
 DRAFT_SCHEMA_VERSION = "1"
 SEP = -1
 DEFAULT_LEVELS = (1, 2, 4)
+CONTEXT_LEVELS = (4, 3, 2, 1)  # context suffix lengths tried for prompt lookup, longest first
 _MULT = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
 
@@ -295,7 +296,7 @@ class BoundDraft:
         return np.empty((0, max_len), dtype=np.int64), 0
 
 
-def context_continuations(context: np.ndarray, max_len: int, levels: Sequence[int] = (4, 3, 2, 1)) -> tuple[np.ndarray, int]:
+def context_continuations(context: np.ndarray, max_len: int, levels: Sequence[int] = CONTEXT_LEVELS) -> tuple[np.ndarray, int]:
     """Prompt-lookup rows: what followed earlier occurrences of the context's own suffix.
 
     context: int64 (L,). Returns (cont int64 (R, max_len), n matched), the most recent

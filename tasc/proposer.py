@@ -24,9 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasc.draft import SEP, BoundDraft, _draft_kernels, walk_continuations
+from tasc.draft import CONTEXT_LEVELS, SEP, BoundDraft, _draft_kernels, walk_continuations
 
-CONTEXT_MAX_N = 4  # the longest context suffix matched; shorter ones are tried after it
 _EMPTY = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
 
 
@@ -37,7 +36,7 @@ class ProposerConfig:
     use_context: bool = True  # mix in n-grams of the prompt and the text generated so far
     use_corpus: bool = True
     context_prior: float = 0.5  # shrinkage for context-match estimates (few rows)
-    # Shortest context suffix matched (4, 3, .. down to this). A one-token match still drafts:
+    # Shortest context suffix matched (tasc.draft.CONTEXT_LEVELS down to this). A one-token match still drafts:
     # after the first token of a span the answer copies from the prompt, only that token
     # matches, and the walk's agreement estimate keeps weak one-token drafts short.
     context_min_n: int = 1
@@ -99,7 +98,7 @@ class Proposer:
         self._source = "corpus"  # the source of the last proposal
         # Context n-gram index, kept incrementally: the context only grows during a request.
         self._ctx: list[int] = []
-        self._levels = np.arange(CONTEXT_MAX_N, max(self.config.context_min_n, 1) - 1, -1, dtype=np.int32)
+        self._levels = np.array([n for n in CONTEXT_LEVELS if n >= self.config.context_min_n], dtype=np.int32)
         self._ctx_index: dict[int, dict[tuple, list[int]]] = {int(n): {} for n in self._levels}
         self._span = 0  # match length of the last context lookup (see ProposerConfig.context_span)
         self._buf = None  # scratch arrays of the compiled path
