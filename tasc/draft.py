@@ -155,7 +155,7 @@ def _draft_kernels():
     lib.tasc_walk.argtypes = [p, i32, i32, f64, p, p]
     lib.tasc_lookup_levels.argtypes = [p, p, p, p, i32, p, p, i64, i32, i32, p, p]
     lib.tasc_corpus_draft.argtypes = [p, p, p, p, i32, p, p, i64, i32, i32, f64, p, p, p]
-    lib.tasc_context_draft.argtypes = [p, i64, p, i32, i32, i32, f64, i32, p, p, p, p]
+    lib.tasc_context_draft.argtypes = [p, p, i64, p, i32, i32, i32, f64, i32, p, p, p, p]
     for fn in (lib.tasc_walk, lib.tasc_lookup_levels, lib.tasc_corpus_draft, lib.tasc_context_draft):
         fn.restype = i32
     return lib
@@ -207,6 +207,9 @@ class BoundDraft:
         self.tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         self.levels = tuple(sorted(set(levels), reverse=True))
         self.max_rows = max_rows
+        # int64 (V,) context match keys of the tokenizer this draft is bound to (space_fold_keys);
+        # None: context matching compares ids as they are.
+        self.match_keys: np.ndarray | None = None
         self.keys: dict[int, np.ndarray] = {}
         self.order: dict[int, np.ndarray] = {}
         # Padding with SEP lets continuation gathers run past the end without bounds checks.
@@ -227,14 +230,18 @@ class BoundDraft:
         eos = tokenizer.eos_token_id
         tail = [eos, SEP] if eos is not None else [SEP]
         if not draft.texts:
-            return cls(np.empty(0, dtype=np.int32), **kw)
+            bound = cls(np.empty(0, dtype=np.int32), **kw)
+            bound.match_keys = space_fold_keys(tokenizer)
+            return bound
         enc = tokenizer(list(draft.texts), add_special_tokens=False)["input_ids"]
         lengths = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
         body = np.fromiter(itertools.chain.from_iterable(enc), dtype=np.int32, count=int(lengths.sum()))
         # Insert the tail (EOS, SEP) after every text with one vectorised insert.
         at = np.repeat(np.cumsum(lengths), len(tail))
         flat = np.insert(body, at, np.tile(np.asarray(tail, dtype=np.int32), len(enc)))
-        return cls(flat, **kw)
+        bound = cls(flat, **kw)
+        bound.match_keys = space_fold_keys(tokenizer)
+        return bound
 
     def _index_level(self, n: int) -> None:
         h = hash_windows(self.tokens, n)  # h[j] hashes tokens[j .. j+n-1]
@@ -296,20 +303,44 @@ class BoundDraft:
         return np.empty((0, max_len), dtype=np.int64), 0
 
 
-def context_continuations(context: np.ndarray, max_len: int, levels: Sequence[int] = CONTEXT_LEVELS) -> tuple[np.ndarray, int]:
+def context_continuations(context: np.ndarray, max_len: int, levels: Sequence[int] = CONTEXT_LEVELS,
+                          keys: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Prompt-lookup rows: what followed earlier occurrences of the context's own suffix.
 
-    context: int64 (L,). Returns (cont int64 (R, max_len), n matched), the most recent
-    occurrences first (at most 16 rows). This is the stateless reference; decoding uses
-    ``Proposer``'s incremental index, which must return the same rows (tested)."""
+    context: int64 (L,); keys: int64 (L,) the ids that matching compares (``match_keys`` of
+    the context, see :func:`space_fold_keys`), None to compare the ids themselves. Returns
+    (cont int64 (R, max_len), n matched), rows of context ids, the most recent occurrences
+    first (at most 16 rows). This is the stateless reference; decoding uses ``Proposer``'s
+    incremental index, which must return the same rows (tested)."""
     L = len(context)
+    keys = context if keys is None else keys
     padded = np.concatenate([context, np.full(max_len, SEP, dtype=np.int64)])
     for n in levels:
         if L <= n:
             continue
-        win = np.lib.stride_tricks.sliding_window_view(context[: L - 1], n)  # excludes the suffix itself
-        hits = np.flatnonzero((win == context[-n:]).all(axis=1))
+        win = np.lib.stride_tricks.sliding_window_view(keys[: L - 1], n)  # excludes the suffix itself
+        hits = np.flatnonzero((win == keys[-n:]).all(axis=1))
         if len(hits):
             starts = hits[::-1][:16] + n
             return padded[starts[:, None] + np.arange(max_len)], n
     return np.empty((0, max_len), dtype=np.int64), 0
+
+
+def space_fold_keys(tokenizer) -> np.ndarray:
+    """int64 (V,): for each token id, the id of the same piece without its leading word marker
+    (byte-level BPE's "\u0120", SentencePiece's "\u2581") where the piece is a word (a letter
+    or digit follows the marker) and the vocabulary has it without, else the id itself. Context matching compares these keys: an output that copies a word of
+    the prompt right after a quote or at its very start ('"valerij', 'Denver') spells the word
+    without the space it has in the prompt (' valerij'), as other ids, and would otherwise
+    find no match for it. Drafts are verified, so a looser match costs time, never tokens."""
+    vocab = tokenizer.get_vocab()
+    size = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
+    keys = np.arange(size, dtype=np.int64)
+    for piece, i in vocab.items():
+        # Byte-level BPE spells whitespace and control bytes as letters from U+0100 up ("\u010a"
+        # is a newline): those are not words.
+        if len(piece) > 1 and piece[1].isalnum() and (piece[0] == "\u2581" or (piece[0] == "\u0120" and ord(piece[1]) < 256)):
+            j = vocab.get(piece[1:])
+            if j is not None:
+                keys[i] = j
+    return keys

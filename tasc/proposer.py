@@ -11,7 +11,7 @@ pair means "no draft: take a plain one-token step". Three gates decide k:
    cost[k + 1]; no draft is proposed unless that beats a plain step. On CPUs a multi-token
    verify costs noticeably more than one token, so a weak draft would be a net loss;
 3. calibration: the realised acceptance feeds back into a running factor on the estimates,
-   one per source (task corpus, context), so an over-confident source is trusted less as
+   one per source (task corpus, context, folded context), so an over-confident source is trusted less as
    decoding goes on and a reliable one (a passage the answer copies from) more. The factors
    are shared by all requests of one ``generate`` call or benchmark method (``trust=``).
 """
@@ -44,6 +44,10 @@ class ProposerConfig:
     # matches the context's end (n..64 tokens): a long match means the text is being copied.
     context_span: bool = True
     corpus_prior: float = 1.0
+    # Match context words with and without their leading space as one (the bound draft's
+    # match_keys, tasc.draft.space_fold_keys): outputs copy prompt words right after a quote
+    # or at their start, where the tokenizer spells them without the space.
+    context_fold_spaces: bool = True
 
 
 def expected_tokens(probs: np.ndarray) -> np.ndarray:
@@ -74,7 +78,7 @@ def _best_length(chain: np.ndarray, cost: np.ndarray) -> int:
 
 def new_trust() -> dict[str, float]:
     """Fresh calibration factors, one per draft source (1.0: take the estimates as they are)."""
-    return {"corpus": 1.0, "context": 1.0}
+    return {"corpus": 1.0, "context": 1.0, "fold": 1.0}
 
 
 class Proposer:
@@ -97,9 +101,12 @@ class Proposer:
         self.trust = trust if trust is not None else new_trust()
         self._source = "corpus"  # the source of the last proposal
         # Context n-gram index, kept incrementally: the context only grows during a request.
-        self._ctx: list[int] = []
+        self._ctx: list[int] = []  # the context's ids and their match keys (context_fold_spaces)
+        self._keys: list[int] = []
+        self._fold = draft.match_keys if draft is not None and self.config.context_fold_spaces else None
         self._levels = np.array([n for n in CONTEXT_LEVELS if n >= self.config.context_min_n], dtype=np.int32)
         self._ctx_index: dict[int, dict[tuple, list[int]]] = {int(n): {} for n in self._levels}
+        self._fold_index: dict[int, dict[tuple, list[int]]] = {int(n): {} for n in self._levels}
         self._span = 0  # match length of the last context lookup (see ProposerConfig.context_span)
         self._buf = None  # scratch arrays of the compiled path
         self.proposed = 0
@@ -112,17 +119,19 @@ class Proposer:
         best_value = 0.0
         use_corpus = cfg.use_corpus and self.draft is not None and self.draft.num_tokens
         lib = _draft_kernels()
+        context = np.ascontiguousarray(context, dtype=np.int64)
+        keys = self._match_keys(context) if cfg.use_context else context
         if lib is not None:  # each source's lookup and walk in one compiled call
-            sources = self._native_drafts(lib, np.ascontiguousarray(context, dtype=np.int64), use_corpus)
+            sources = self._native_drafts(lib, context, keys, use_corpus)
         else:
             sources = []
             if use_corpus:
                 rows, _ = self.draft.continuations(context, cfg.max_len)
                 sources.append(("corpus", walk_continuations(rows, cfg.max_len, prior=cfg.corpus_prior)))
             if cfg.use_context:
-                rows, n = self._context_rows(context)
+                name, rows, n = self._context_rows(context, keys)
                 prior = cfg.context_prior * (n / self._span if cfg.context_span and self._span else 1.0)
-                sources.append(("context", walk_continuations(rows, cfg.max_len, prior=prior)))
+                sources.append((name, walk_continuations(rows, cfg.max_len, prior=prior)))
         chain = None  # cumulative product of the chosen probs: P(first i all accepted)
         for name, (toks, probs) in sources:
             if not len(toks):
@@ -139,7 +148,16 @@ class Proposer:
         k = _best_length(chain[:keep], self.cost)
         return toks[:k], probs[:k]
 
-    def _native_drafts(self, lib, context: np.ndarray, use_corpus: bool) -> list:
+    def _match_keys(self, context: np.ndarray) -> np.ndarray:
+        """int64 (L,): the ids context matching compares (the ids themselves without a fold)."""
+        fold = self._fold
+        if fold is None:
+            return context
+        if len(context) and int(context.max()) >= len(fold):  # ids past the tokenizer: kept as they are
+            self._fold = fold = np.concatenate([fold, np.arange(len(fold), int(context.max()) + 1)])
+        return fold[context]
+
+    def _native_drafts(self, lib, context: np.ndarray, keys: np.ndarray, use_corpus: bool) -> list:
         """[(source, (tokens, probs))] from kernels/draft.c, the same as the numpy path."""
         cfg, width = self.config, self.config.max_len
         if self._buf is None:  # scratch rows and outputs, reused from step to step
@@ -158,37 +176,56 @@ class Proposer:
             out.append(("corpus", (toks[:k].copy(), probs[:k].copy())))
         if cfg.use_context:
             span = ctypes.c_int(0)
-            k = lib.tasc_context_draft(ctx_at, len(context), self._levels.ctypes.data, len(self._levels), 16,
-                                       width, cfg.context_prior, int(cfg.context_span), rows_at, toks_at, probs_at,
-                                       ctypes.byref(span))
+            # Ids as they are first; the folded keys only when those match nothing.
+            name, k = "context", 0
+            for source, keys_at in (("context", ctx_at), ("fold", keys.ctypes.data))[: 1 + (keys is not context)]:
+                k = lib.tasc_context_draft(ctx_at, keys_at, len(context), self._levels.ctypes.data,
+                                           len(self._levels), 16, width, cfg.context_prior, int(cfg.context_span),
+                                           rows_at, toks_at, probs_at, ctypes.byref(span))
+                if k:  # k == 0 only when no row matched (every row starts with a real token)
+                    name = source
+                    break
             self._span = span.value
-            out.append(("context", (toks[:k].copy(), probs[:k].copy())))
+            out.append((name, (toks[:k].copy(), probs[:k].copy())))
         return out
 
-    def _context_rows(self, context: np.ndarray) -> tuple[np.ndarray, int]:
+    def _context_rows(self, context: np.ndarray, keys: np.ndarray) -> tuple[str, np.ndarray, int]:
         """Prompt-lookup rows: what followed earlier occurrences of the context's own suffix,
-        most recent first (at most 16), from the longest matching level, from an n-gram index
-        kept incrementally (the context only grows during a request). The path without the C
-        kernels; ``tasc_context_draft`` in kernels/draft.c is the compiled one (same rows, tested
-        against tasc.draft.context_continuations)."""
-        ctx = self._ctx
-        start = len(ctx)
-        ctx.extend(context[start:].tolist())
-        for n, index in self._ctx_index.items():
-            for i in range(max(start, n - 1), len(ctx)):
-                index.setdefault(tuple(ctx[i - n + 1 : i + 1]), []).append(i)
-        L, width = len(ctx), self.config.max_len
-        for n in self._ctx_index:
+        most recent first (at most 16), from the longest matching level, from n-gram indexes
+        kept incrementally (the context only grows during a request). Ids are matched as they
+        are ("context"); only when nothing matches, as their ``keys`` ("fold", int64 (L,), when
+        ``keys is not context``). Returns (source, rows int64 (R, max_len), n matched). The path
+        without the C kernels; ``tasc_context_draft`` in kernels/draft.c is the compiled one
+        (same rows, tested against tasc.draft.context_continuations)."""
+        start = len(self._ctx)
+        self._ctx.extend(context[start:].tolist())
+        self._keys.extend(keys[start:].tolist())
+        passes = [("context", self._ctx, self._ctx_index)]
+        if keys is not context:
+            passes.append(("fold", self._keys, self._fold_index))
+        for name, seq, indexes in passes:
+            rows, n = self._lookup(seq, indexes, start)
+            if n:
+                return name, rows, n
+        return "context", rows, 0
+
+    def _lookup(self, seq: list[int], indexes: dict[int, dict[tuple, list[int]]], start: int) -> tuple[np.ndarray, int]:
+        """Index seq[start:] at every level, then look its suffix up (rows of self._ctx)."""
+        for n, index in indexes.items():
+            for i in range(max(start, n - 1), len(seq)):
+                index.setdefault(tuple(seq[i - n + 1 : i + 1]), []).append(i)
+        L, width = len(seq), self.config.max_len
+        for n, index in indexes.items():
             if L <= n:
                 continue
-            ends = self._ctx_index[n].get(tuple(ctx[L - n :]), ())
+            ends = index.get(tuple(seq[L - n :]), ())
             prev = [e for e in ends[-17:] if e < L - 1][::-1][:16]  # the suffix itself is excluded
             if prev:
                 e, j = prev[0], n  # how far the most recent occurrence matches the end
-                while j < 64 and e - j >= 0 and ctx[e - j] == ctx[L - 1 - j]:
+                while j < 64 and e - j >= 0 and seq[e - j] == seq[L - 1 - j]:
                     j += 1
                 self._span = j
-                rows = [ctx[e + 1 : e + 1 + width] for e in prev]
+                rows = [self._ctx[e + 1 : e + 1 + width] for e in prev]
                 out = np.full((len(rows), width), SEP, dtype=np.int64)
                 for r, row in enumerate(rows):
                     out[r, : len(row)] = row

@@ -182,3 +182,58 @@ def test_a_long_copied_span_is_trusted_more_than_a_short_match():
     assert long_probs[0] > short_probs[0]
     off = Proposer(None, ProposerConfig(use_corpus=False, min_prob=0.0, context_span=False))
     assert off.propose(copying)[1][0] == pytest.approx(short_probs[0])
+
+
+def _fold_case(tokenizer):
+    """A context whose output starts a word the prompt has with a leading space: the ids
+    differ ('book' vs ' book'), the folded keys agree."""
+    prompt = tokenizer("Please book a table for two", add_special_tokens=False)["input_ids"]
+    start = tokenizer('{"intent": "book', add_special_tokens=False)["input_ids"]
+    return np.array(prompt + start, dtype=np.int64), prompt
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_folded_context_match_drafts_a_word_copied_without_its_space(tiny_tokenizer, compiled, monkeypatch):
+    from tasc.draft import DraftCorpus, space_fold_keys
+
+    if not compiled:
+        monkeypatch.setattr("tasc.proposer._draft_kernels", lambda: None)
+    keys = space_fold_keys(tiny_tokenizer)
+    vocab = tiny_tokenizer.get_vocab()
+    assert keys[vocab["\u0120book"]] == vocab["book"] and keys[vocab["book"]] == vocab["book"]
+    assert keys[vocab["<|im_end|>"]] == vocab["<|im_end|>"]  # no marker: the id itself
+    assert keys[vocab["\u0120\u010a\u0120\u0120\u0120"]] != vocab["\u010a\u0120\u0120\u0120"]  # whitespace: not a word
+    context, prompt = _fold_case(tiny_tokenizer)
+    assert vocab["book"] in context.tolist() and vocab["\u0120book"] in prompt  # different ids
+    after = context.tolist()[prompt.index(vocab["\u0120book"]) + 1 :]  # what follows the word there
+    empty = BoundDraft.from_corpus(DraftCorpus(texts=(), source="references", corpus_hash=""), tiny_tokenizer)
+    cfg = ProposerConfig(use_corpus=False, min_prob=0.0)
+    toks, _ = Proposer(empty, cfg, cost=np.ones(20)).propose(context)
+    assert toks.tolist() == after[: len(toks)] and len(toks) >= 2
+    # Without folding the copied word matches nothing in the prompt, so there is no draft.
+    plain = Proposer(empty, ProposerConfig(use_corpus=False, min_prob=0.0, context_fold_spaces=False), np.ones(20))
+    assert len(plain.propose(context)[0]) == 0
+    # The reference agrees on the rows when given the folded keys.
+    rows, n = context_continuations(context, 8, keys=keys[context])
+    assert n >= 1 and rows[0, : len(after)].tolist()[: min(8, len(after))] == after[:8]
+    assert context_continuations(context, 8)[1] == 0
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_exact_context_match_wins_over_a_folded_one(tiny_tokenizer, compiled, monkeypatch):
+    """Folding is a fallback: where the ids themselves match, their rows are drafted and the
+    calibration is charged to "context", not "fold"."""
+    from tasc.draft import DraftCorpus
+
+    if not compiled:
+        monkeypatch.setattr("tasc.proposer._draft_kernels", lambda: None)
+    tok = tiny_tokenizer
+    ids = tok('{"intent": "book", "x": 1} {"intent": "book', add_special_tokens=False)["input_ids"]
+    empty = BoundDraft.from_corpus(DraftCorpus(texts=(), source="references", corpus_hash=""), tok)
+    p = Proposer(empty, ProposerConfig(use_corpus=False, min_prob=0.0), cost=np.ones(20))
+    toks, probs = p.propose(np.array(ids, dtype=np.int64))
+    first = tok('{"intent": "book', add_special_tokens=False)["input_ids"]
+    assert toks.tolist()[:2] == ids[len(first) : len(first) + 2]
+    assert p._source == "context"
+    p.update(probs, 0)
+    assert p.trust["context"] < 1.0 and p.trust["fold"] == 1.0

@@ -107,23 +107,24 @@ int tasc_lookup_levels(const uint64_t *keys, const uint64_t *ends, const int64_t
 /* Prompt-lookup rows (tasc.draft.context_continuations): for the first level n in levels
  * (longest first) with L > n, what followed earlier occurrences of the context's last n
  * tokens, the most recent first, at most max_rows; each row SEP-padded to max_len.
- *   ctx int64 (L,); out int64 (max_rows, max_len); *matched = n (0: none); *span = how far
- *   the most recent occurrence matches the context's end, n..64 tokens; returns rows. */
-int tasc_context_rows(const int64_t *ctx, int64_t L, const int *levels, int nlevels, int max_rows,
-                      int max_len, int64_t *out, int *matched, int *span) {
+ *   ctx int64 (L,); keys int64 (L,): what matching compares (the ids, or their match keys);
+ *   out int64 (max_rows, max_len) rows of ctx; *matched = n (0: none); *span = how far the
+ *   most recent occurrence matches the context's end, n..64 tokens; returns rows. */
+int tasc_context_rows(const int64_t *ctx, const int64_t *keys, int64_t L, const int *levels, int nlevels,
+                      int max_rows, int max_len, int64_t *out, int *matched, int *span) {
     *matched = 0;
     *span = 0;
     for (int l = 0; l < nlevels; l++) {
         int n = levels[l], rows = 0;
         if (L <= n) continue;
-        const int64_t *suffix = ctx + L - n;
+        const int64_t *suffix = keys + L - n;
         for (int64_t e = L - 2; e >= n - 1 && rows < max_rows; e--) {
             int ok = 1;
-            for (int t = 0; t < n && ok; t++) ok = ctx[e - n + 1 + t] == suffix[t];
+            for (int t = 0; t < n && ok; t++) ok = keys[e - n + 1 + t] == suffix[t];
             if (!ok) continue;
             if (rows == 0) {
                 int j = n;
-                while (j < 64 && e - j >= 0 && ctx[e - j] == ctx[L - 1 - j]) j++;
+                while (j < 64 && e - j >= 0 && keys[e - j] == keys[L - 1 - j]) j++;
                 *span = j;
             }
             for (int t = 0; t < max_len; t++)
@@ -147,10 +148,11 @@ int tasc_corpus_draft(const uint64_t *keys, const uint64_t *ends, const int64_t 
 
 /* The context rows of tasc_context_rows walked by tasc_walk, the prior scaled by n / span when
  * use_span (tasc.proposer.ProposerConfig.context_span). *span as there. Returns k. */
-int tasc_context_draft(const int64_t *ctx, int64_t L, const int *levels, int nlevels, int max_rows, int max_len,
-                       double prior, int use_span, int64_t *rows, int64_t *toks, double *probs, int *span) {
+int tasc_context_draft(const int64_t *ctx, const int64_t *keys, int64_t L, const int *levels, int nlevels,
+                       int max_rows, int max_len, double prior, int use_span, int64_t *rows, int64_t *toks,
+                       double *probs, int *span) {
     int matched;
-    int R = tasc_context_rows(ctx, L, levels, nlevels, max_rows, max_len, rows, &matched, span);
+    int R = tasc_context_rows(ctx, keys, L, levels, nlevels, max_rows, max_len, rows, &matched, span);
     if (!R) return 0;
     if (use_span && *span) prior *= (double)matched / *span;
     return tasc_walk(rows, R, max_len, prior, toks, probs);
