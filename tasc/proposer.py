@@ -120,16 +120,15 @@ class Proposer:
         use_corpus = cfg.use_corpus and self.draft is not None and self.draft.num_tokens
         lib = _draft_kernels()
         context = np.ascontiguousarray(context, dtype=np.int64)
-        keys = self._match_keys(context) if cfg.use_context else context
         if lib is not None:  # each source's lookup and walk in one compiled call
-            sources = self._native_drafts(lib, context, keys, use_corpus)
+            sources = self._native_drafts(lib, context, use_corpus)
         else:
             sources = []
             if use_corpus:
                 rows, _ = self.draft.continuations(context, cfg.max_len)
                 sources.append(("corpus", walk_continuations(rows, cfg.max_len, prior=cfg.corpus_prior)))
             if cfg.use_context:
-                name, rows, n = self._context_rows(context, keys)
+                name, rows, n = self._context_rows(context)
                 prior = cfg.context_prior * (n / self._span if cfg.context_span and self._span else 1.0)
                 sources.append((name, walk_continuations(rows, cfg.max_len, prior=prior)))
         chain = None  # cumulative product of the chosen probs: P(first i all accepted)
@@ -149,15 +148,13 @@ class Proposer:
         return toks[:k], probs[:k]
 
     def _match_keys(self, context: np.ndarray) -> np.ndarray:
-        """int64 (L,): the ids context matching compares (the ids themselves without a fold)."""
+        """int64 (L,): the folded match keys of ``context`` (self._fold is set)."""
         fold = self._fold
-        if fold is None:
-            return context
         if len(context) and int(context.max()) >= len(fold):  # ids past the tokenizer: kept as they are
             self._fold = fold = np.concatenate([fold, np.arange(len(fold), int(context.max()) + 1)])
         return fold[context]
 
-    def _native_drafts(self, lib, context: np.ndarray, keys: np.ndarray, use_corpus: bool) -> list:
+    def _native_drafts(self, lib, context: np.ndarray, use_corpus: bool) -> list:
         """[(source, (tokens, probs))] from kernels/draft.c, the same as the numpy path."""
         cfg, width = self.config, self.config.max_len
         if self._buf is None:  # scratch rows and outputs, reused from step to step
@@ -176,10 +173,11 @@ class Proposer:
             out.append(("corpus", (toks[:k].copy(), probs[:k].copy())))
         if cfg.use_context:
             span = ctypes.c_int(0)
-            # Ids as they are first; the folded keys only when those match nothing.
+            # Ids as they are first; the folded keys (computed only then) when those match nothing.
             name, k = "context", 0
-            for source, keys_at in (("context", ctx_at), ("fold", keys.ctypes.data))[: 1 + (keys is not context)]:
-                k = lib.tasc_context_draft(ctx_at, keys_at, len(context), self._levels.ctypes.data,
+            for source in ("context", "fold") if self._fold is not None else ("context",):
+                keys = context if source == "context" else self._match_keys(context)
+                k = lib.tasc_context_draft(ctx_at, keys.ctypes.data, len(context), self._levels.ctypes.data,
                                            len(self._levels), 16, width, cfg.context_prior, int(cfg.context_span),
                                            rows_at, toks_at, probs_at, ctypes.byref(span))
                 if k:  # k == 0 only when no row matched (every row starts with a real token)
@@ -189,31 +187,33 @@ class Proposer:
             out.append((name, (toks[:k].copy(), probs[:k].copy())))
         return out
 
-    def _context_rows(self, context: np.ndarray, keys: np.ndarray) -> tuple[str, np.ndarray, int]:
+    def _context_rows(self, context: np.ndarray) -> tuple[str, np.ndarray, int]:
         """Prompt-lookup rows: what followed earlier occurrences of the context's own suffix,
         most recent first (at most 16), from the longest matching level, from n-gram indexes
         kept incrementally (the context only grows during a request). Ids are matched as they
-        are ("context"); only when nothing matches, as their ``keys`` ("fold", int64 (L,), when
-        ``keys is not context``). Returns (source, rows int64 (R, max_len), n matched). The path
-        without the C kernels; ``tasc_context_draft`` in kernels/draft.c is the compiled one
-        (same rows, tested against tasc.draft.context_continuations)."""
+        are ("context"); only when nothing matches, as their folded keys ("fold", when the
+        draft has them). Returns (source, rows int64 (R, max_len), n matched). The path without
+        the C kernels; ``tasc_context_draft`` in kernels/draft.c is the compiled one (same rows,
+        tested against tasc.draft.context_continuations)."""
         start = len(self._ctx)
-        self._ctx.extend(context[start:].tolist())
-        self._keys.extend(keys[start:].tolist())
+        new = context[start:]
+        self._ctx.extend(new.tolist())
         passes = [("context", self._ctx, self._ctx_index)]
-        if keys is not context:
+        if self._fold is not None:  # both indexes take every new position, whichever pass answers
+            self._keys.extend(self._match_keys(new).tolist())
             passes.append(("fold", self._keys, self._fold_index))
+        for _, seq, indexes in passes:
+            for n, index in indexes.items():
+                for i in range(max(start, n - 1), len(seq)):
+                    index.setdefault(tuple(seq[i - n + 1 : i + 1]), []).append(i)
         for name, seq, indexes in passes:
-            rows, n = self._lookup(seq, indexes, start)
+            rows, n = self._lookup(seq, indexes)
             if n:
                 return name, rows, n
         return "context", rows, 0
 
-    def _lookup(self, seq: list[int], indexes: dict[int, dict[tuple, list[int]]], start: int) -> tuple[np.ndarray, int]:
-        """Index seq[start:] at every level, then look its suffix up (rows of self._ctx)."""
-        for n, index in indexes.items():
-            for i in range(max(start, n - 1), len(seq)):
-                index.setdefault(tuple(seq[i - n + 1 : i + 1]), []).append(i)
+    def _lookup(self, seq: list[int], indexes: dict[int, dict[tuple, list[int]]]) -> tuple[np.ndarray, int]:
+        """The rows (of self._ctx) after the most recent occurrences of seq's suffix."""
         L, width = len(seq), self.config.max_len
         for n, index in indexes.items():
             if L <= n:

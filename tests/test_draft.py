@@ -402,7 +402,7 @@ def test_compiled_lookups_match_the_numpy_references(monkeypatch):
         compiled.propose(ctx)  # the fused kernel records the match length
         monkeypatch.setattr("tasc.proposer._draft_kernels", lambda: None)
         python = Proposer(None)
-        _, got, got_n = python._context_rows(ctx, ctx)
+        _, got, got_n = python._context_rows(ctx)
         want, want_n = context_continuations(ctx, 16)
         assert got_n == want_n and np.array_equal(got, want) and python._span == compiled._span
         monkeypatch.undo()
