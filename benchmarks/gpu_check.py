@@ -135,7 +135,10 @@ def tasc_ft(args, out: Path, result: dict, save, started: float) -> None:
         texts += pd.read_parquet(args.harvest)["output"].tolist()
     draft = build_draft_corpus(on_policy=texts)
     base = load_model(args.model, dtype=args.dtype)
-    left = lambda: args.deadline - (time.time() - started)  # noqa: E731
+
+    def left() -> float:
+        return args.deadline - (time.time() - started)
+
     # Candidates against ft-only, same fine-tuning config and steps.
     make_cfg = gpu_config if torch.cuda.is_available() else cpu_config
     ft_cfg = make_cfg(max_steps=args.steps, eval_every=max(args.steps // 3, 1), save_every=args.steps)

@@ -200,6 +200,16 @@ def walk_continuations_numpy(cont: np.ndarray, max_len: int, prior: float = 1.0)
     return np.concatenate(toks).astype(np.int64), np.concatenate(probs)
 
 
+def _bind_tokens(texts: Sequence[str], tokenizer, tail: list[int]) -> np.ndarray:
+    """int32 (T,): every text tokenised whole, each followed by ``tail`` (EOS, SEP)."""
+    enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    lengths = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
+    body = np.fromiter(itertools.chain.from_iterable(enc), dtype=np.int32, count=int(lengths.sum()))
+    # Insert the tail (EOS, SEP) after every text with one vectorised insert.
+    at = np.repeat(np.cumsum(lengths), len(tail))
+    return np.insert(body, at, np.tile(np.asarray(tail, dtype=np.int32), len(enc)))
+
+
 class BoundDraft:
     """A DraftCorpus bound to one tokenizer, with an n-gram index over its tokens."""
 
@@ -229,17 +239,8 @@ class BoundDraft:
         """Tokenise every text whole with ``tokenizer`` and index it."""
         eos = tokenizer.eos_token_id
         tail = [eos, SEP] if eos is not None else [SEP]
-        if not draft.texts:
-            bound = cls(np.empty(0, dtype=np.int32), **kw)
-            bound.match_keys = space_fold_keys(tokenizer)
-            return bound
-        enc = tokenizer(list(draft.texts), add_special_tokens=False)["input_ids"]
-        lengths = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
-        body = np.fromiter(itertools.chain.from_iterable(enc), dtype=np.int32, count=int(lengths.sum()))
-        # Insert the tail (EOS, SEP) after every text with one vectorised insert.
-        at = np.repeat(np.cumsum(lengths), len(tail))
-        flat = np.insert(body, at, np.tile(np.asarray(tail, dtype=np.int32), len(enc)))
-        bound = cls(flat, **kw)
+        tokens = _bind_tokens(draft.texts, tokenizer, tail) if draft.texts else np.empty(0, dtype=np.int32)
+        bound = cls(tokens, **kw)
         bound.match_keys = space_fold_keys(tokenizer)
         return bound
 
@@ -329,17 +330,20 @@ def context_continuations(context: np.ndarray, max_len: int, levels: Sequence[in
 def space_fold_keys(tokenizer) -> np.ndarray:
     """int64 (V,): for each token id, the id of the same piece without its leading word marker
     (byte-level BPE's "\u0120", SentencePiece's "\u2581") where the piece is a word (a letter
-    or digit follows the marker) and the vocabulary has it without, else the id itself. Context matching compares these keys: an output that copies a word of
-    the prompt right after a quote or at its very start ('"valerij', 'Denver') spells the word
-    without the space it has in the prompt (' valerij'), as other ids, and would otherwise
-    find no match for it. Drafts are verified, so a looser match costs time, never tokens."""
+    or digit follows the marker) and the vocabulary has it without, else the id itself.
+
+    Context matching compares these keys: an output that copies a word of the prompt right
+    after a quote or at its very start ('"valerij', 'Denver') spells the word without the
+    space it has in the prompt (' valerij'), as other ids, and would otherwise find no match
+    for it. Drafts are verified, so a looser match costs time, never tokens."""
     vocab = tokenizer.get_vocab()
     size = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
     keys = np.arange(size, dtype=np.int64)
     for piece, i in vocab.items():
         # Byte-level BPE spells whitespace and control bytes as letters from U+0100 up ("\u010a"
         # is a newline): those are not words.
-        if len(piece) > 1 and piece[1].isalnum() and (piece[0] == "\u2581" or (piece[0] == "\u0120" and ord(piece[1]) < 256)):
+        word = len(piece) > 1 and piece[1].isalnum()
+        if word and (piece[0] == "\u2581" or (piece[0] == "\u0120" and ord(piece[1]) < 256)):
             j = vocab.get(piece[1:])
             if j is not None:
                 keys[i] = j
