@@ -87,6 +87,11 @@ class _Forward:
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.passes = 0
+        # tasc.cpu_kernels.ArgmaxHead where load_model(kernels="auto") attached one.
+        self.head = getattr(model, "_tasc_argmax_head", None)
+        if self.head is not None:
+            params = inspect.signature(model.base_model.forward).parameters
+            self.base_cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def __call__(self, ids: Sequence[int], keep: int) -> torch.Tensor:
         """ids: the new tokens; returns float logits (keep, V) of the last ``keep`` positions."""
@@ -95,6 +100,18 @@ class _Forward:
         out = self.model(input_ids=x, use_cache=True, logits_to_keep=keep, **kw)
         self.passes += 1
         return out.logits[0, -keep:].float()
+
+    def predict(self, ids: Sequence[int], keep: int) -> list[int]:
+        """ids: the new tokens; returns the greedy next token after each of the last ``keep``.
+
+        With an exact argmax head, the decoder stack runs without the LM head and the head
+        picks the argmax from its int8 screen (the same ids as the argmax of the logits)."""
+        if self.head is None or keep > self.head.max_rows:
+            return self(ids, keep).argmax(dim=-1).tolist()
+        x = torch.as_tensor([list(ids)], dtype=torch.long, device=self.model.device)
+        out = self.model.base_model(input_ids=x, use_cache=True, **{self.base_cache_kw: self.cache})
+        self.passes += 1
+        return self.head(out.last_hidden_state[0, -keep:].numpy()).tolist()
 
     def crop(self, n_remove: int) -> None:
         if n_remove > 0:
@@ -115,15 +132,20 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
+def accept_greedy(pred: Sequence[int], draft: np.ndarray) -> tuple[int, int]:
+    """pred: the model's greedy token after the last token and after each draft token (k+1);
+    returns (n_accepted, next token): the agreeing prefix and the model's own token after it."""
+    n, k = 0, len(draft)
+    while n < k and pred[n] == int(draft[n]):
+        n += 1
+    return n, int(pred[n])
+
+
 def verify_draft(logits: torch.Tensor, draft: np.ndarray, temperature: float, gen: torch.Generator | None) -> tuple[int, int]:
     """Accept a prefix of ``draft`` against logits (k+1, V); returns (n_accepted, next token)."""
     k = len(draft)
     if temperature <= 0:
-        pred = logits.argmax(dim=-1).tolist()
-        n = 0
-        while n < k and pred[n] == int(draft[n]):
-            n += 1
-        return n, pred[n]
+        return accept_greedy(logits.argmax(dim=-1).tolist(), draft)
     probs = torch.softmax(logits / temperature, dim=-1)
     for i in range(k):
         d = int(draft[i])
@@ -144,9 +166,15 @@ def decode(model, tokenizer, prompt_ids: list[int], proposer: Proposer | None, c
     if cfg.temperature > 0:
         gen = torch.Generator().manual_seed(cfg.seed)
     fwd = _Forward(model)
+    greedy = cfg.temperature <= 0
+
+    def verify(ids: list[int], draft: np.ndarray) -> tuple[int, int]:
+        if greedy:  # argmax only: the exact argmax head can skip most of the logits
+            return accept_greedy(fwd.predict(ids, keep=len(draft) + 1), draft)
+        return verify_draft(fwd(ids, keep=len(draft) + 1), draft, cfg.temperature, gen)
+
     # Step 0: prefill the prompt; only the last position's logits are needed.
-    first = fwd(prompt_ids, keep=1)
-    _, tok = verify_draft(first, np.empty(0, dtype=np.int64), cfg.temperature, gen)
+    _, tok = verify(prompt_ids, np.empty(0, dtype=np.int64))
     out: list[int] = [tok]
     ctx = np.empty(len(prompt_ids) + cfg.max_new_tokens + 64, dtype=np.int64)
     ctx[: len(prompt_ids)] = prompt_ids
@@ -170,10 +198,9 @@ def decode(model, tokenizer, prompt_ids: list[int], proposer: Proposer | None, c
             draft = draft[: max(cfg.max_new_tokens - len(out) - 1, 0)]
             probs = probs[: len(draft)]
             stats.propose_s += time.perf_counter() - tp
-        # Step 3: one forward pass over [last token, draft...] verifies the whole draft.
-        logits = fwd([out[-1], *draft.tolist()], keep=len(draft) + 1)
-        # Step 4: accept the longest agreeing prefix plus the model's own next token.
-        n_acc, tok = verify_draft(logits, draft, cfg.temperature, gen)
+        # Steps 3-4: one forward pass over [last token, draft...] verifies the whole draft;
+        # accept the longest agreeing prefix plus the model's own next token.
+        n_acc, tok = verify([out[-1], *draft.tolist()], draft)
         new = [*draft[:n_acc].tolist(), tok]
         # Step 5: roll the KV cache back over the rejected draft tokens.
         fwd.crop(len(draft) - n_acc)
@@ -257,7 +284,7 @@ def measure_verify_cost(model, max_len: int = 17, context: int = 160, reps: int 
         for m in lengths:
             ids = rng.integers(0, vocab, m).tolist()
             t = time.perf_counter()
-            fwd(ids, keep=m)
+            fwd.predict(ids, keep=m)  # the greedy path decode takes
             times[m].append(time.perf_counter() - t)
             fwd.crop(m)
     best = np.array([np.min(times[m][1:]) for m in lengths])

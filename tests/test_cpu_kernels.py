@@ -1,6 +1,7 @@
 """The CPU inference kernels: the packed small-batch GEMM against numpy, row results that do not
 depend on the batch, a packed tiny model that decodes like the plain one (speculative decoding
-token-identical to greedy), training through a packed model, and an unchanged state dict."""
+token-identical to greedy), training through a packed model, an unchanged state dict, and the
+exact argmax head (the same ids as the full fp32 head, near ties included)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def models(tiny_model_dir):
 def test_packed_model_computes_the_same_logits(models):
     plain, fast = models
     assert plain.kernels == "torch"
-    assert fast.kernels == "packed-linear+grouped-attention"
+    assert fast.kernels == "packed-linear+grouped-attention+argmax-head"
     ids = torch.tensor([plain.tokenizer("Will it rain tomorrow in London? Book a table")["input_ids"]])
     with torch.no_grad():
         a, b = plain.model(ids).logits, fast.model(ids).logits
@@ -81,3 +82,55 @@ def test_training_goes_through_torch_and_repacks_changed_weights(tiny_model_dir)
         after = fast(ids).logits
         cpu_kernels.unpack_linears(fast)
         torch.testing.assert_close(after, fast(ids).logits, rtol=1e-5, atol=1e-4)
+
+
+def _full_argmax(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return cpu_kernels.small_gemm(x, cpu_kernels.pack(w), len(w)).argmax(axis=1)
+
+
+def test_argmax_head_equals_the_full_head_bitwise_near_ties_included():
+    rng = np.random.default_rng(1)
+    n, k = 301, 64  # N not a multiple of the block
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+    # Near ties: columns that differ from column 7 in the last bits only, an exact copy (the
+    # smaller id must win), and a column of zeros.
+    for j, eps in ((40, 1e-7), (41, -1e-7), (42, 3e-7)):
+        w[j] = w[7] * np.float32(1 + eps)
+    w[250] = w[7]
+    w[3] = 0.0
+    x = rng.standard_normal((20, k)).astype(np.float32)
+    x[10:] = w[7] * 40  # rows whose argmax is column 7 or one of its near copies
+    head = cpu_kernels.ArgmaxHead(torch.from_numpy(w))
+    ids = head(x)
+    assert np.array_equal(ids, _full_argmax(w, x))
+    assert set(ids[10:].tolist()) <= {7, 40, 41, 42} and 250 not in ids
+    assert head.rescored >= len(x)  # every row recomputed its winner in fp32
+    for m in (1, 4, 13):  # the row count never changes a row's id
+        assert np.array_equal(head(np.ascontiguousarray(x[:m])), ids[:m])
+
+
+def test_argmax_head_follows_a_changed_weight():
+    rng = np.random.default_rng(2)
+    weight = torch.from_numpy(rng.standard_normal((64, 32)).astype(np.float32))
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    head = cpu_kernels.ArgmaxHead(weight)
+    before = head(x)
+    with torch.no_grad():
+        weight[int(before[0])] -= 100.0  # the old winner of row 0 can no longer win
+    after = head(x)
+    assert after[0] != before[0]
+    assert np.array_equal(after, _full_argmax(weight.numpy(), x))
+
+
+def test_greedy_decoding_with_the_argmax_head_is_unchanged(models):
+    _, fast = models
+    assert fast.model._tasc_argmax_head is not None
+    cfg = DecodeConfig(max_new_tokens=30)
+    with_head = engine.generate(fast.model, fast.tokenizer, PROMPTS, method="greedy", config=cfg)
+    head, fast.model._tasc_argmax_head = fast.model._tasc_argmax_head, None
+    try:
+        without = engine.generate(fast.model, fast.tokenizer, PROMPTS, method="greedy", config=cfg)
+    finally:
+        fast.model._tasc_argmax_head = head
+    assert [o.token_ids for o in with_head] == [o.token_ids for o in without]
+    assert head.rows > 0  # the head did the work
