@@ -115,8 +115,9 @@ def pack_linears(model) -> int:
 
 
 def unpack_linears(model) -> None:
-    """Undo :func:`pack_linears` (drop the packed copies)."""
+    """Undo :func:`pack_linears` (drop the packed copies, and the lean decoder built on them)."""
     for module in model.modules():
+        module.__dict__.pop("_tasc_lean", None)
         if "_tasc_stamp" in module.__dict__:
             del module.forward, module._tasc_stamp, module._tasc_packed
 
@@ -177,8 +178,11 @@ def group_attention(model) -> bool:
 
 
 def speed_up(model) -> str:
-    """Packed linears, grouped attention and the exact argmax head for CPU fp32 inference;
-    returns a label for reports ("torch" when nothing applied)."""
+    """Packed linears, grouped attention, the exact argmax head and the lean decoder forward
+    (tasc.lean_decoder) for CPU fp32 inference; returns a label for reports ("torch" when
+    nothing applied)."""
+    from tasc.lean_decoder import attach_lean_decoder
+
     parts = []
     if pack_linears(model):
         parts.append("packed-linear")
@@ -186,6 +190,8 @@ def speed_up(model) -> str:
         parts.append("grouped-attention")
     if attach_argmax_head(model):
         parts.append("argmax-head")
+    if attach_lean_decoder(model):
+        parts.append("lean-decoder")
     return "+".join(parts) or "torch"
 
 

@@ -77,30 +77,44 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 class _Forward:
-    """One call site for the model's forward that counts passes and hides the cache kwarg name."""
+    """One call site for the model's forward that counts passes and hides the cache kwarg name.
+
+    Runs tasc.lean_decoder where speed_up attached one (same hidden states bitwise, a cache of
+    preallocated buffers), else the model's own forward with a DynamicCache."""
 
     def __init__(self, model):
+        self.model = model
+        self.passes = 0
+        # tasc.cpu_kernels.ArgmaxHead / tasc.lean_decoder.LeanDecoder where
+        # load_model(kernels="auto") attached them.
+        self.head = getattr(model, "_tasc_argmax_head", None)
+        self.lean = getattr(model, "_tasc_lean", None)
+        if self.lean is not None:
+            self.lean.refresh()  # weights may have changed since the last request
+            self.cache = self.lean.new_cache()
+            return
         from transformers import DynamicCache
 
-        self.model = model
         self.cache = DynamicCache(config=model.config)
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.passes = 0
-        # tasc.cpu_kernels.ArgmaxHead where load_model(kernels="auto") attached one.
-        self.head = getattr(model, "_tasc_argmax_head", None)
         if self.head is not None:
             params = inspect.signature(model.base_model.forward).parameters
             self.base_cache_kw = "cache" if "cache" in params else "past_key_values"
 
+    @torch.inference_mode()
     def __call__(self, ids: Sequence[int], keep: int) -> torch.Tensor:
         """ids: the new tokens; returns float logits (keep, V) of the last ``keep`` positions."""
+        self.passes += 1
+        if self.lean is not None:
+            hidden = self.lean.forward(list(ids), self.cache)
+            return self.model.get_output_embeddings()(hidden[-keep:]).float()
         x = torch.as_tensor([list(ids)], dtype=torch.long, device=self.model.device)
         kw = {self.cache_kw: self.cache}
         out = self.model(input_ids=x, use_cache=True, logits_to_keep=keep, **kw)
-        self.passes += 1
         return out.logits[0, -keep:].float()
 
+    @torch.inference_mode()
     def predict(self, ids: Sequence[int], keep: int) -> list[int]:
         """ids: the new tokens; returns the greedy next token after each of the last ``keep``.
 
@@ -108,14 +122,18 @@ class _Forward:
         picks the argmax from its int8 screen (the same ids as the argmax of the logits)."""
         if self.head is None or keep > self.head.max_rows:
             return self(ids, keep).argmax(dim=-1).tolist()
-        x = torch.as_tensor([list(ids)], dtype=torch.long, device=self.model.device)
-        out = self.model.base_model(input_ids=x, use_cache=True, **{self.base_cache_kw: self.cache})
         self.passes += 1
-        return self.head(out.last_hidden_state[0, -keep:].numpy()).tolist()
+        if self.lean is not None:
+            hidden = self.lean.forward(list(ids), self.cache)[-keep:]
+        else:
+            x = torch.as_tensor([list(ids)], dtype=torch.long, device=self.model.device)
+            out = self.model.base_model(input_ids=x, use_cache=True, **{self.base_cache_kw: self.cache})
+            hidden = out.last_hidden_state[0, -keep:]
+        return self.head(hidden.numpy()).tolist()
 
     def crop(self, n_remove: int) -> None:
         if n_remove > 0:
-            self.cache.crop(-n_remove)
+            self.cache.crop(-n_remove if self.lean is None else n_remove)
 
 
 def first_stop(tokenizer, ids: list[int], start: int, stop: tuple[str, ...]) -> int | None:

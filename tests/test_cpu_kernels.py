@@ -44,7 +44,7 @@ def models(tiny_model_dir):
 def test_packed_model_computes_the_same_logits(models):
     plain, fast = models
     assert plain.kernels == "torch"
-    assert fast.kernels == "packed-linear+grouped-attention+argmax-head"
+    assert fast.kernels == "packed-linear+grouped-attention+argmax-head+lean-decoder"
     ids = torch.tensor([plain.tokenizer("Will it rain tomorrow in London? Book a table")["input_ids"]])
     with torch.no_grad():
         a, b = plain.model(ids).logits, fast.model(ids).logits
