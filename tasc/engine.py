@@ -285,7 +285,7 @@ def generate(
 
 
 @torch.inference_mode()
-def measure_verify_cost(model, max_len: int = 17, context: int = 160, reps: int = 5) -> np.ndarray:
+def measure_verify_cost(model, max_len: int = 17, context: int = 160, reps: int = 9) -> np.ndarray:
     """Relative cost of an m-token forward pass, cost[m] = time(m) / time(1), m = 0..max_len.
 
     float64 (max_len + 1,); cost[0] = 0. Measured after a prefill of ``context`` tokens, with
