@@ -133,7 +133,7 @@ class _Forward:
 
     def crop(self, n_remove: int) -> None:
         if n_remove > 0:
-            self.cache.crop(-n_remove if self.lean is None else n_remove)
+            self.cache.crop(-n_remove)
 
 
 def first_stop(tokenizer, ids: list[int], start: int, stop: tuple[str, ...]) -> int | None:

@@ -55,9 +55,11 @@ class LeanCache:
             new[:, :, :, : self.length] = old[:, :, :, : self.length]
             setattr(self, name, new)
 
-    def crop(self, n_remove: int) -> None:
-        """Drop the last ``n_remove`` tokens (rejected draft tokens)."""
-        self.length -= max(0, min(n_remove, self.length))
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens; a negative value drops that many from the end
+        (rejected draft tokens), as ``DynamicCache.crop`` does."""
+        keep = self.length + max_length if max_length < 0 else max_length
+        self.length = max(0, min(keep, self.length))
 
 
 class _Group:
@@ -146,8 +148,11 @@ class LeanDecoder:
     """The decoder stack of ``model`` run without transformers' per-call machinery (see module doc)."""
 
     def __init__(self, model):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
         cfg = model.config
         self.model, self.base = model, model.base_model
+        self.attention = ALL_ATTENTION_FUNCTIONS  # looked up per call: the model may switch
         self.layers = [_Layer(layer) for layer in self.base.layers[: cfg.num_hidden_layers]]
         attn = self.layers[0].attn
         self.heads = cfg.num_attention_heads
@@ -168,8 +173,6 @@ class LeanDecoder:
     def forward(self, ids: list[int], cache: LeanCache) -> torch.Tensor:
         """ids: T new token ids after ``cache.length`` cached ones -> (T, hidden) float32, the
         final normed hidden states (the input of the LM head); the cache grows by T."""
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         t, past = len(ids), cache.length
         s = past + t
         cache.reserve(t)
@@ -178,7 +181,7 @@ class LeanDecoder:
         # The masks transformers builds for SDPA here: none when it can rely on causality (one
         # query token, or a prompt with nothing cached), else the causal boolean mask.
         mask = None if (t == 1 or past == 0) else torch.ones(t, s, dtype=torch.bool).tril(past)[None, None]
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.model.config._attn_implementation, None)
+        attend = self.attention.get_interface(self.model.config._attn_implementation, None)
         hd = self.head_dim
         for i, layer in enumerate(self.layers):
             x = layer.norm1(h)

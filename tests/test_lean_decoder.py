@@ -58,7 +58,7 @@ def _lean_steps(lean: LeanDecoder, chunks, capacity=8):
     cache, outs = lean.new_cache(capacity), []
     for c in chunks:
         if isinstance(c, int):
-            cache.crop(-c)
+            cache.crop(c)
             continue
         outs.append(lean.forward(c, cache))
     return outs
@@ -80,6 +80,10 @@ def test_lean_forward_equals_transformers_bitwise(kind, prompt_len, tiny_model_d
     chunks = _chunks(prompt_len)
     want, got = _reference_steps(lm, chunks), _lean_steps(lean, chunks)
     assert len(got) == len(want) == 9
+    cache = lean.new_cache()
+    lean.forward(chunks[0], cache)
+    cache.crop(5)  # a non-negative value is the length to keep
+    assert cache.length == 5
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert torch.equal(g, w), f"step {i}: max diff {(g - w).abs().max().item()}"
     if kind == "llama":  # q/k/v and gate/up fused; the modules' packed copies are views of it
