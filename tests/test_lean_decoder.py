@@ -140,3 +140,19 @@ def test_models_it_does_not_fit_keep_transformers_forward(tiny_model_dir):
     assert getattr(fast, "_tasc_lean", None) is None
     plain = load_model(str(tiny_model_dir), dtype="float32", device="cpu").model
     assert unsupported(plain) == "linears not packed"
+
+
+def test_step_benchmark_reports_both_forwards_and_checks_equality(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    from benchmarks import bench_step
+
+    out = tmp_path / "step.json"
+    monkeypatch.setattr("sys.argv", ["bench_step", "--model", str(tiny_model_dir), "--context", "40", "--reps", "2",
+                                     "--json", str(out)])
+    bench_step.main()
+    report = json.loads(out.read_text())
+    assert report["bitwise_equal"] is True and report["kernels"].endswith("lean-decoder")
+    assert [r["T"] for r in report["steps"]] == list(bench_step.LENGTHS)
+    assert report["steps"][0]["V"] == 1.0 and all(r["lean_ms"] > 0 for r in report["steps"])
+    assert "| 8 |" in capsys.readouterr().out
