@@ -79,6 +79,12 @@ def small_gemm(x: np.ndarray, packed: np.ndarray, n: int, threads: int = 1) -> n
     return out[:, :n] if width != n else out
 
 
+def weight_stamp(w) -> tuple:
+    """Identity, in-place version and shape of a weight: a packed copy made under another stamp
+    is stale (training changed it in place, or ``resize_token_embeddings`` replaced it)."""
+    return (id(w), w._version, tuple(w.shape))
+
+
 def _packed_forward(self, x):
     """nn.Linear.forward on the packed kernel when no gradient is needed (see module doc)."""
     import torch
@@ -88,7 +94,7 @@ def _packed_forward(self, x):
             or (x.dim() > 1 and x.shape[-2] > LONG)
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         return torch.nn.functional.linear(x, w, self.bias)
-    stamp = (id(w), w._version, tuple(w.shape))
+    stamp = weight_stamp(w)
     if self._tasc_stamp != stamp:
         self._tasc_packed, self._tasc_stamp = pack(w.detach().numpy()), stamp
     rows = x.reshape(-1, x.shape[-1]).contiguous()
@@ -244,13 +250,13 @@ class ArgmaxHead:
         self.coef = np.zeros(width, dtype=np.float32)
         self.coef[:n] = np.nextafter(coef.astype(np.float32), np.float32(np.inf))  # rounded up
         self.w, self.n, self.k, self.width = w, n, k, width
-        self.stamp = (id(self.weight), self.weight._version, tuple(self.weight.shape))
+        self.stamp = weight_stamp(self.weight)
 
     def __call__(self, hidden: np.ndarray) -> np.ndarray:
         """hidden float32 (M, K) -> int64 (M,) token ids."""
         import torch
 
-        if self.stamp != (id(self.weight), self.weight._version, tuple(self.weight.shape)):
+        if self.stamp != weight_stamp(self.weight):
             self._build()
         x = np.ascontiguousarray(hidden, dtype=np.float32)
         m = len(x)

@@ -73,7 +73,8 @@ class _Group:
 
     def refresh(self) -> None:
         """Repack when a weight changed (training, resizing) since the last pack."""
-        stamps = [(id(m.weight), m.weight._version, tuple(m.weight.shape)) for m in self.modules]
+        # The stamps _packed_forward checks, so the modules accept the views set below.
+        stamps = [cpu_kernels.weight_stamp(m.weight) for m in self.modules]
         if stamps == self.stamps or not self.fusable:
             self.stamps = stamps
             return
@@ -208,8 +209,9 @@ class LeanDecoder:
 def attach_lean_decoder(model) -> bool:
     """Give ``model`` a :class:`LeanDecoder` (``model._tasc_lean``) that engine.decode uses;
     False (and None attached) where :func:`unsupported` names a reason."""
-    reason = unsupported(model)
-    model._tasc_lean = None if reason else LeanDecoder(model)
-    if model._tasc_lean is not None:
-        model._tasc_lean.refresh()
-    return reason is None
+    model._tasc_lean = None
+    if unsupported(model) is not None:
+        return False
+    model._tasc_lean = LeanDecoder(model)
+    model._tasc_lean.refresh()
+    return True
