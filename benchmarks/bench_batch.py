@@ -27,10 +27,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from tasc import engine
-from tasc.batch_engine import generate_batch
-from tasc.draft import BoundDraft
-from tasc.engine import DecodeConfig, Output
+from tasc.decode import engine
+from tasc.decode.batch_engine import generate_batch
+from tasc.decode.draft import BoundDraft
+from tasc.decode.engine import DecodeConfig, Output
 
 
 def _methods(lm, batch: int, draft: BoundDraft | None, cfg: DecodeConfig, cost, system_prompt, chat_template
@@ -98,7 +98,7 @@ def compare(lm, prompts: Sequence[str], batch: int, draft: BoundDraft | None, cf
             "differing": [i for i, s in enumerate(same_ids) if not s][:50],
         }
         if metric and rows is not None:
-            from tasc.metrics import score_many
+            from tasc.eval.metrics import score_many
 
             entry["metric"] = float(np.mean(score_many(metric, [o.text for o in outs[name]], rows)))
         report["methods"][name] = entry
@@ -134,7 +134,7 @@ def markdown_table(report: dict) -> str:
 def _find_draft(choice: str, spec_name: str, version: str, model: str, tokenizer) -> tuple[BoundDraft | None, str]:
     """auto: the on-policy draft for this model, else the references draft; none; or a path."""
     from storage.drafts import draft_path, read_draft
-    from tasc.draft import check_compatible
+    from tasc.decode.draft import check_compatible
 
     if choice == "none":
         return None, "none"
@@ -169,9 +169,9 @@ def main() -> None:
     configure()
     import torch
 
-    from tasc.bench import environment, spread_sample
+    from tasc.data.spec import load_spec
+    from tasc.eval.harness import environment, spread_sample
     from tasc.models import load_model
-    from tasc.spec import load_spec
 
     if args.threads:
         torch.set_num_threads(args.threads)

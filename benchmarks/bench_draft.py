@@ -16,13 +16,13 @@ import time
 
 import numpy as np
 
-from tasc.draft import BoundDraft, build_draft_corpus
-from tasc.proposer import Proposer, ProposerConfig
+from tasc.decode.draft import BoundDraft, build_draft_corpus
+from tasc.decode.proposer import Proposer, ProposerConfig
 
 
 def real_texts() -> list[str]:
-    from tasc.ingest import ingest
-    from tasc.spec import load_spec
+    from tasc.data.ingest import ingest
+    from tasc.data.spec import load_spec
 
     texts = []
     for name in ("snips", "mbpp"):

@@ -21,7 +21,8 @@ import argparse
 import json
 import time
 
-from tasc.ngrams import (
+from tasc.data.spec import default_data_dir
+from tasc.ngrams.counts import (
     count_ngrams,
     count_text_ngrams,
     count_token_ngrams,
@@ -29,7 +30,6 @@ from tasc.ngrams import (
     split_words,
     text_ngram_table,
 )
-from tasc.spec import default_data_dir
 
 DATA = default_data_dir()
 

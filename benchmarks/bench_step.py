@@ -1,5 +1,5 @@
 """Micro-benchmark of one decode or verify step on the CPU: transformers' forward against the
-lean decoder forward (tasc.lean_decoder), and the path engine.decode takes (lean forward plus
+lean decoder forward (tasc.accel.lean_decoder), and the path engine.decode takes (lean forward plus
 the exact argmax head), side by side and interleaved, after a prefill of ``--context`` tokens.
 
 Prints, for each step length T, the median and fastest time of each path, the ratio of
@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import DynamicCache
 
-    from tasc.engine import _Forward
+    from tasc.decode.engine import _Forward
     from tasc.models import load_model
 
     lm = load_model(args.model, dtype="float32", device="cpu", kernels="auto")

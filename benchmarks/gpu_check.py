@@ -25,18 +25,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tasc.bench import environment, markdown_table, run_benchmark, spread_sample
-from tasc.draft import BoundDraft, build_draft_corpus
-from tasc.engine import DecodeConfig, measure_verify_cost
-from tasc.expand import expand_tokenizer, resize_and_init, round_trip_report
-from tasc.finetune import cpu_config, finetune, gpu_config
-from tasc.harvest import harvest
-from tasc.metrics import score_many
+from tasc.data.spec import load_spec
+from tasc.decode.draft import BoundDraft, build_draft_corpus
+from tasc.decode.engine import DecodeConfig, measure_verify_cost
+from tasc.decode.harvest import harvest
+from tasc.eval.harness import environment, markdown_table, run_benchmark, spread_sample
+from tasc.eval.methods import build_methods, verify_cost_summary
+from tasc.eval.metrics import score_many
+from tasc.ft.expand import expand_tokenizer, resize_and_init, round_trip_report
+from tasc.ft.rounds import count_output_tokens
+from tasc.ft.select import SelectionConfig, select_tokens
 from tasc.models import load_model
-from tasc.rounds import count_output_tokens
-from tasc.runners import build_methods, verify_cost_summary
-from tasc.spec import load_spec
-from tasc.vocab import SelectionConfig, select_tokens
+from tasc.train.config import cpu_config, gpu_config
+from tasc.train.finetune import finetune
 
 
 def bench(lms: dict, spec, rows: pd.DataFrame, draft_texts, methods: list[str], ft_draft_texts=None) -> dict:
@@ -46,7 +47,7 @@ def bench(lms: dict, spec, rows: pd.DataFrame, draft_texts, methods: list[str], 
     drafts = {"main": BoundDraft.from_corpus(draft_texts, base.tokenizer)}
     made = build_methods([m for m in methods if not m.startswith(("ft", "tasc-ft"))], base, cfg, spec.system_prompt,
                          spec.chat_template, drafts, cost)
-    from tasc.bench import Method
+    from tasc.eval.harness import Method
 
     for name in ("ft-only", "tasc-ft"):
         if name in lms and name in methods:

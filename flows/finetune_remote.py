@@ -20,8 +20,8 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
 from storage.settings import finetune_procs, finetune_timeout
-from tasc.finetune_job import resolve_procs
-from tasc.spec import load_spec
+from tasc.data.spec import load_spec
+from tasc.train.launch import resolve_procs
 from tasks.handoff import (
     fetch_inputs,
     fetch_result,

@@ -25,7 +25,7 @@ from flows.runners import default_shards, task_runner
 from flows.stages import DEFAULT_MODEL, bench_flow, draft_flow, finetune_flow, ingest_flow, ngrams_flow
 from flows.vocab import vocab_flow
 from storage.settings import finetune_deployment
-from tasc.vocab import TOKENS_PER_ROUND
+from tasc.ft.select import TOKENS_PER_ROUND
 from tasks.models import fetch_model
 from tasks.registry import promote_model, register_model
 from tasks.tracking import end_run, find_previous_run, log_to_run, start_run
@@ -108,7 +108,7 @@ def tasc_ft(params: PipelineParams, corpus: dict, run_id: str) -> dict:
 
 @flow(name="tasc-pipeline", log_prints=True)
 def pipeline(params: PipelineParams = PipelineParams()) -> dict:
-    from tasc.spec import load_spec
+    from tasc.data.spec import load_spec
 
     spec = load_spec(params.spec)
     experiment = f"tasc-{spec.name}"

@@ -21,7 +21,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def _experiment(spec: str) -> str:
-    from tasc.spec import load_spec
+    from tasc.data.spec import load_spec
 
     return f"tasc-{load_spec(spec).name}"
 
@@ -58,7 +58,7 @@ def ngrams_flow(spec: str, model: str = DEFAULT_MODEL, max_n: int = 8, min_count
                 corpus: dict | None = None, parent_run_id: str | None = None, shards: int = 1) -> dict:
     """Text- and token-level n-gram tables; ``shards`` > 1 counts corpus shards as separate
     tasks (in parallel on a Dask task runner) and merges them into the same tables."""
-    from tasc.spec import load_spec
+    from tasc.data.spec import load_spec
 
     corpus = corpus or _corpus(spec)
     tables, hit = _count(corpus, load_spec(spec).name, model, max_n, min_count, shards)
@@ -111,7 +111,7 @@ def bench_flow(spec: str, model: str = DEFAULT_MODEL, methods: str = "greedy,pld
                harvest_limit: int | None = 400, corpus: dict | None = None,
                parent_run_id: str | None = None, extra_models: dict | None = None) -> dict:
     """Benchmark methods side by side; builds or reuses the draft the spec methods need.
-    extra_models: method model folders, "tasc-ft" and "ft-only" (see tasc.runners)."""
+    extra_models: method model folders, "tasc-ft" and "ft-only" (see tasc.eval.methods)."""
     corpus = corpus or _corpus(spec)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if drafts is None and any(n.startswith("tasc-spec") or n.endswith("+spec") for n in names):

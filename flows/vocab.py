@@ -15,7 +15,7 @@ from prefect import flow
 from flows.resume import run_cached
 from flows.stages import DEFAULT_MODEL, _corpus, _experiment, bench_flow
 from storage import vocab_store
-from tasc.vocab import TOKENS_PER_ROUND
+from tasc.ft.select import TOKENS_PER_ROUND
 from tasks.draft import build_draft
 from tasks.registry import register_model
 from tasks.tracking import end_run, log_to_run, start_run
@@ -55,7 +55,7 @@ def vocab_rounds_flow(spec: str, corpus: dict, model: str, rounds: int, settings
                       min_token_gain: float = 0.02, max_metric_drop: float = 0.01, dtype: str = "float32",
                       parent_run_id: str | None = None) -> dict:
     """Round 0 (the base) and rounds 1..``rounds`` until ``plateau``; returns base and rounds."""
-    from tasc.rounds import plateau
+    from tasc.ft.rounds import plateau
 
     experiment = _experiment(spec)
     base = vocab_baseline(spec, corpus, model, eval_prompts, dtype)
@@ -119,7 +119,7 @@ def vocab_flow(spec: str, model: str = DEFAULT_MODEL, rounds: int = 3, finetune:
            "base": out["base"], "rounds": [{k: r.get(k) for k in REPORT_KEYS} for r in out["rounds"]],
            "chosen_round": chosen["round"] if chosen else 0, "chosen": chosen["model_dir"] if chosen else model,
            "ft_only": ft, "registered": registered}
-    from tasc.spec import load_spec
+    from tasc.data.spec import load_spec
 
     path = vocab_store.write_json(doc, vocab_store.vocab_dir(load_spec(spec).name, corpus["version"]) / "report.json")
     if report:

@@ -30,8 +30,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from storage.settings import corpora_dir
-from tasc.ingest import IngestResult
-from tasc.spec import TaskSpec
+from tasc.data.ingest import IngestResult
+from tasc.data.spec import TaskSpec
 
 # Bump when the corpus columns or their meaning change, so old folders are not reused.
 LAYOUT_VERSION = 1

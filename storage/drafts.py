@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from storage.files import write_parquet_atomic
 from storage.settings import drafts_dir, harvest_dir
-from tasc.draft import DraftCorpus, DraftError
+from tasc.decode.draft import DraftCorpus, DraftError
 
 
 def model_key(model: str) -> str:

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.files import write_parquet_atomic
-from tasc.ngram_shards import ShardCounts
-from tasc.ngrams import NgramCounts
+from tasc.ngrams.counts import NgramCounts
+from tasc.ngrams.shards import ShardCounts
 
 META_KEY = b"tasc.shard"
 

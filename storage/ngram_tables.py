@@ -5,8 +5,8 @@ Contract:
 * the schema metadata holds ``tasc.schema_version`` = ``"1"`` and ``tasc.meta``, a JSON
   object with at least ``level`` ("text" | "token"), ``max_n``, ``min_count`` and
   ``corpus_version`` (null when unknown), plus every key of the caller's ``meta``;
-* ``level``, ``max_n`` and ``min_count`` default to what ``tasc.ngrams`` stamped on the
-  table (``tasc.ngrams`` metadata); the caller's ``meta`` wins on conflicts;
+* ``level``, ``max_n`` and ``min_count`` default to what ``tasc.ngrams.counts`` stamped on the
+  table (metadata key ``tasc.ngrams``); the caller's ``meta`` wins on conflicts;
 * ``read_ngram_table`` returns exactly that JSON object, and raises ``NgramTableError``
   naming the file for anything that is not such a table (not Parquet, no tasc metadata,
   an unknown schema version, missing columns).
@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasc.ngrams import META_KEY, TEXT_SCHEMA
+from tasc.ngrams.counts import META_KEY, TEXT_SCHEMA
 
 SCHEMA_VERSION = "1"
 VERSION_KEY = b"tasc.schema_version"

@@ -18,8 +18,8 @@ import pandas as pd
 class TascModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from storage.drafts import read_draft
-        from tasc.draft import BoundDraft
-        from tasc.engine import measure_verify_cost
+        from tasc.decode.draft import BoundDraft
+        from tasc.decode.engine import measure_verify_cost
         from tasc.models import load_model
 
         with open(context.artifacts["config"]) as f:
@@ -31,7 +31,7 @@ class TascModel(mlflow.pyfunc.PythonModel):
         self.cost = measure_verify_cost(self.lm.model, reps=2)
 
     def predict(self, context, model_input, params=None):
-        from tasc.engine import DecodeConfig, generate
+        from tasc.decode.engine import DecodeConfig, generate
 
         params = params or {}
         if isinstance(model_input, pd.DataFrame):

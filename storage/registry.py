@@ -22,7 +22,7 @@ from mlflow.models import infer_signature
 
 from storage.settings import state_dir
 from storage.tracking import client
-from tasc.promotion import Decision, PromotionPolicy, Scorecard, decide
+from tasc.eval.promotion import Decision, PromotionPolicy, Scorecard, decide
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from storage.settings import reports_dir
-from tasc.bench import markdown_table, plot_report
+from tasc.eval.harness import markdown_table, plot_report
 
 
 def report_dir(task: str, stamp: str) -> Path:

@@ -106,7 +106,7 @@ def vocab(spec: str = typer.Argument(..., help="spec name or YAML path"), model:
           rounds: int = typer.Option(3, help="vocabulary-expansion rounds (fewer when they plateau)"),
           finetune: bool = typer.Option(True, help="fine-tune after each expansion (--no-finetune: only expand)"),
           max_steps: int | None = typer.Option(None, help="fine-tuning steps per round (default: the device config)"),
-          tokens: int = typer.Option(12, help="new tokens per round at most"),  # tasc.vocab.TOKENS_PER_ROUND
+          tokens: int = typer.Option(12, help="new tokens per round at most"),  # tasc.ft.select.TOKENS_PER_ROUND
           min_count: int = typer.Option(5, help="occurrences a token needs, and tokens it must save"),
           eval_prompts: int = typer.Option(8, help="validation prompts to generate for the task metric (0: none)"),
           ft_only: bool = typer.Option(True, help="also train the fine-tune-only baseline (with fine-tuning)"),
@@ -152,9 +152,9 @@ def finetune(spec: str = typer.Argument(..., help="spec name or YAML path"), mod
     tasc.cli finetune ...` or `accelerate launch -m tasc.cli finetune ...`."""
     _setup()
     from storage import corpus as store
-    from tasc.distributed import from_env
-    from tasc.finetune_job import run_job
-    from tasc.spec import load_spec
+    from tasc.data.spec import load_spec
+    from tasc.train.distributed import from_env
+    from tasc.train.launch import run_job
 
     s = load_spec(spec)
     path = corpus or store.latest_corpus(s.name)
@@ -176,11 +176,11 @@ def generate(spec: str = typer.Argument(..., help="spec name/path, or a draft .p
     """Generate for one prompt, for a quick look (prints the text and decoding stats)."""
     _setup()
     from storage.drafts import read_draft
-    from tasc.draft import BoundDraft
-    from tasc.engine import DecodeConfig
-    from tasc.engine import generate as run
+    from tasc.data.spec import load_spec
+    from tasc.decode.draft import BoundDraft
+    from tasc.decode.engine import DecodeConfig
+    from tasc.decode.engine import generate as run
     from tasc.models import load_model
-    from tasc.spec import load_spec
 
     lm = load_model(model, dtype=dtype, kernels="auto")
     system, chat, stop, bound = None, True, (), None
@@ -255,7 +255,7 @@ def promote(task: str = typer.Argument(..., help="task name, e.g. snips"),
     """Run the promotion rule on a registered version (moves 'champion' if it wins)."""
     _setup()
     from storage.registry import promote as run
-    from tasc.promotion import PromotionPolicy
+    from tasc.eval.promotion import PromotionPolicy
 
     d = run(task, version, PromotionPolicy(min_speedup, max_metric_drop))
     typer.echo(f"{'promoted' if d.promote else 'not promoted'}: {d.reason}")

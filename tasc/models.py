@@ -44,7 +44,7 @@ class LoadedModel:
     name: str
     dtype: Any  # torch.dtype
     device: str
-    kernels: str = "torch"  # what tasc.cpu_kernels.speed_up applied ("torch": nothing)
+    kernels: str = "torch"  # what tasc.accel.backend.speed_up applied ("torch": nothing)
 
 
 def default_cache_dir() -> Path:
@@ -188,7 +188,7 @@ def load_model(
     """Load model and tokenizer ready for generation (eval mode, no grad).
 
     kernels: "torch" keeps transformers' layers; "auto" adds tasc's CPU inference kernels
-    (packed small-batch linears, grouped-query attention: tasc.cpu_kernels) on a CPU in
+    (packed small-batch linears, grouped-query attention: tasc.accel.packed) on a CPU in
     float32, where a k-token verify step then costs little more than a one-token step.
     Generation, benchmarks and serving ask for "auto"; fine-tuning keeps "torch"."""
     import torch
@@ -216,7 +216,7 @@ def load_model(
                 p.data = p.data.clone()
     applied = "torch"
     if kernels == "auto" and device == "cpu" and torch_dtype == torch.float32:
-        from tasc.cpu_kernels import speed_up
+        from tasc.accel.backend import speed_up
 
         applied = speed_up(model)
     elif kernels not in ("auto", "torch"):

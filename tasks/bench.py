@@ -10,12 +10,12 @@ from prefect import get_run_logger, task
 from storage import corpus as store
 from storage.drafts import read_draft
 from storage.reports import report_dir, write_report
-from tasc.bench import environment, run_benchmark, spread_sample
-from tasc.draft import BoundDraft, check_compatible
-from tasc.engine import DecodeConfig, measure_verify_cost
+from tasc.data.spec import load_spec
+from tasc.decode.draft import BoundDraft, check_compatible
+from tasc.decode.engine import DecodeConfig, measure_verify_cost
+from tasc.eval.harness import environment, run_benchmark, spread_sample
+from tasc.eval.methods import build_methods, verify_cost_summary
 from tasc.models import load_model
-from tasc.runners import build_methods, verify_cost_summary
-from tasc.spec import load_spec
 from tasks.policies import TRANSIENT
 
 

@@ -8,16 +8,16 @@ from storage import corpus as store
 from storage.drafts import model_key
 from storage.ngram_tables import write_ngram_table
 from storage.settings import ngrams_dir
-from tasc.ingest import fingerprint_sources, ingest
+from tasc.data.ingest import fingerprint_sources, ingest
+from tasc.data.spec import load_spec
 from tasc.models import load_tokenizer
-from tasc.ngrams import count_text_ngrams, count_token_ngrams
-from tasc.spec import load_spec
+from tasc.ngrams.counts import count_text_ngrams, count_token_ngrams
 from tasks.policies import IngestInputs, StepInputs, cached
 
-NGRAM_CODE = ("tasc.ngrams", "tasc.ngram_shards", "storage.ngram_tables", "storage.ngram_shards")
+NGRAM_CODE = ("tasc.ngrams.counts", "tasc.ngrams.shards", "storage.ngram_tables", "storage.ngram_shards")
 
 
-@task(name="ingest", **cached(IngestInputs(modules=("tasc.ingest", "tasc.readers", "tasc.spec", "storage.corpus"))))
+@task(name="ingest", **cached(IngestInputs(modules=("tasc.data.ingest", "tasc.data.readers", "tasc.data.spec", "storage.corpus"))))
 def ingest_corpus(spec_path: str, policy: str | None = None) -> dict:
     """Versioned corpus for the spec; a no-op when the spec and source files are unchanged."""
     spec = load_spec(spec_path)

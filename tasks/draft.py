@@ -9,11 +9,11 @@ from prefect import get_run_logger, task
 
 from storage import corpus as store
 from storage.drafts import draft_path, harvest_path, read_harvest, write_draft, write_harvest
-from tasc.bench import spread_sample
-from tasc.draft import BoundDraft, build_draft_corpus
-from tasc.harvest import harvest
+from tasc.data.spec import load_spec
+from tasc.decode.draft import BoundDraft, build_draft_corpus
+from tasc.decode.harvest import harvest
+from tasc.eval.harness import spread_sample
 from tasc.models import load_model
-from tasc.spec import load_spec
 from tasks.policies import TRANSIENT, DraftInputs, cached
 
 
@@ -46,7 +46,7 @@ def _newer_than(path, model: str) -> bool:
     return all(f.stat().st_mtime_ns <= path.stat().st_mtime_ns for f in files)
 
 
-@task(name="build-draft", **cached(DraftInputs(modules=("tasc.draft", "storage.drafts"))))
+@task(name="build-draft", **cached(DraftInputs(modules=("tasc.decode.draft", "storage.drafts"))))
 def build_draft(spec_path: str, corpus: dict, source: str = "auto", model: str | None = None,
                 harvest_file: str | None = None) -> str:
     """Build the text draft: references, on-policy, or both; 'auto' takes on-policy where a

@@ -2,7 +2,7 @@
 
 The run's folder is keyed by the starting model (names, sizes and times of its files) and the
 weight-changing settings, so an interrupted run of the same model and settings resumes from
-its newest checkpoint (tasc.finetune) and a different one never picks it up."""
+its newest checkpoint (tasc.train.finetune) and a different one never picks it up."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from prefect import get_run_logger, task
 
 from storage import corpus as store
 from storage import vocab_store
-from tasc.finetune import finetune
+from tasc.data.spec import load_spec
+from tasc.ft.rounds import make_config
 from tasc.models import load_model
-from tasc.rounds import make_config
-from tasc.spec import load_spec
+from tasc.train.finetune import finetune
 from tasks.policies import TRANSIENT, fingerprint
 
 

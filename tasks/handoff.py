@@ -11,8 +11,8 @@ from prefect import get_run_logger, task
 from storage import corpus as store
 from storage import handoff
 from storage.vocab_store import vocab_dir
-from tasc.finetune_job import launch, run_job, torchrun_command
-from tasc.spec import load_spec
+from tasc.data.spec import load_spec
+from tasc.train.launch import launch, run_job, torchrun_command
 from tasks.policies import TRANSIENT
 
 

@@ -11,7 +11,7 @@ from storage import corpus as store
 from storage.ngram_shards import read_shard, write_shard
 from storage.ngram_tables import write_ngram_table
 from tasc.models import load_tokenizer
-from tasc.ngram_shards import (
+from tasc.ngrams.shards import (
     count_text_shard,
     count_token_shard,
     merged_text_table,

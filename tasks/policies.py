@@ -139,8 +139,8 @@ class IngestInputs(StepInputs):
 
     def extra(self, inputs: dict[str, Any]) -> Any:
         from storage.corpus import corpus_version
-        from tasc.ingest import fingerprint_sources
-        from tasc.spec import load_spec
+        from tasc.data.ingest import fingerprint_sources
+        from tasc.data.spec import load_spec
 
         spec = load_spec(inputs["spec_path"])
         return corpus_version(spec, fingerprint_sources(spec))
@@ -154,7 +154,7 @@ class DraftInputs(StepInputs):
         if inputs.get("harvest_file") or not inputs.get("model") or inputs.get("source") == "references":
             return None
         from storage.drafts import harvest_path
-        from tasc.spec import load_spec
+        from tasc.data.spec import load_spec
 
         path = harvest_path(load_spec(inputs["spec_path"]).name, inputs["corpus"]["version"], inputs["model"])
         return identity(str(path)) if path.exists() else None

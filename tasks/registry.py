@@ -6,9 +6,9 @@ from prefect import get_run_logger, task
 
 from storage import corpus as store
 from storage import registry
+from tasc.data.spec import load_spec
+from tasc.eval.promotion import PromotionPolicy, Scorecard
 from tasc.models import resolve_model
-from tasc.promotion import PromotionPolicy, Scorecard
-from tasc.spec import load_spec
 from tasks.policies import TRANSIENT
 
 

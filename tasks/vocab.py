@@ -13,9 +13,8 @@ from prefect import get_run_logger, task
 
 from storage import corpus as store
 from storage import vocab_store
-from tasc.finetune_io import ResumeError
-from tasc.models import load_model, load_tokenizer
-from tasc.rounds import (
+from tasc.data.spec import load_spec
+from tasc.ft.rounds import (
     count_output_tokens,
     finetune_only,
     make_config,
@@ -23,7 +22,8 @@ from tasc.rounds import (
     task_metric,
     validation_loss,
 )
-from tasc.spec import load_spec
+from tasc.models import load_model, load_tokenizer
+from tasc.train.io import ResumeError
 from tasks.policies import TRANSIENT, fingerprint
 
 

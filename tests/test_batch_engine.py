@@ -19,10 +19,10 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from tasc.batch_engine import decode_batch, generate_batch
-from tasc.draft import SEP, BoundDraft, build_draft_corpus
-from tasc.engine import DecodeConfig, decode, encode_prompts
-from tasc.proposer import Proposer
+from tasc.decode.batch_engine import decode_batch, generate_batch
+from tasc.decode.draft import SEP, BoundDraft, build_draft_corpus
+from tasc.decode.engine import DecodeConfig, decode, encode_prompts
+from tasc.decode.proposer import Proposer
 
 PROMPTS = [
     "What is the weather in Paris?",

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasc.bench import markdown_table, plot_report, ratio, run_benchmark
-from tasc.draft import BoundDraft, build_draft_corpus
-from tasc.engine import DecodeConfig, generate
-from tasc.runners import build_methods, verify_cost_summary
+from tasc.decode.draft import BoundDraft, build_draft_corpus
+from tasc.decode.engine import DecodeConfig, generate
+from tasc.eval.harness import markdown_table, plot_report, ratio, run_benchmark
+from tasc.eval.methods import build_methods, verify_cost_summary
 
 PROMPTS = ["What is the weather in Paris?", "Play some jazz music", "Write a function to add two numbers."]
 NAMES = ["greedy", "pld", "tasc-spec"]
@@ -107,7 +107,7 @@ def test_verify_cost_summary():
 
 
 def test_method_options_set_proposer_fields():
-    from tasc.runners import _method_options
+    from tasc.eval.methods import _method_options
 
     assert _method_options("tasc-spec") == ("tasc-spec", None)
     base, pc = _method_options("tasc-spec@context_prior=0.1@max_len=24@use_corpus=false")

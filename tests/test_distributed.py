@@ -27,10 +27,10 @@ def _losses(run_dir: Path) -> list[float]:
 
 def test_two_ranks_match_one_process_at_twice_the_batch(tiny_model_dir, tmp_path):
     from storage.corpus import read_corpus
-    from tasc.finetune_io import ResumeError
-    from tasc.finetune_job import launch, run_job, torchrun_command
-    from tasc.ingest import ingest
-    from tasc.spec import load_spec
+    from tasc.data.ingest import ingest
+    from tasc.data.spec import load_spec
+    from tasc.train.io import ResumeError
+    from tasc.train.launch import launch, run_job, torchrun_command
 
     spec = load_spec("prompt-completion")
     corpus = tmp_path / "corpus.parquet"
@@ -75,7 +75,7 @@ def test_two_ranks_match_one_process_at_twice_the_batch(tiny_model_dir, tmp_path
 def test_procs_default_to_the_visible_cuda_devices():
     import torch
 
-    from tasc.finetune_job import resolve_procs
+    from tasc.train.launch import resolve_procs
 
     assert resolve_procs(3) == 3
     assert resolve_procs(None) == resolve_procs(0) == max(1, torch.cuda.device_count())

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.drafts import read_draft, write_draft
-from tasc.draft import (
+from tasc.decode.draft import (
     DEFAULT_LEVELS,
     DRAFT_SCHEMA_VERSION,
     SEP,
@@ -25,7 +25,7 @@ from tasc.draft import (
     hash_windows,
     walk_continuations,
 )
-from tasc.proposer import Proposer, ProposerConfig
+from tasc.decode.proposer import Proposer, ProposerConfig
 
 TEXTS = (
     "turn on the kitchen lights please",
@@ -363,7 +363,7 @@ def test_other_corpus_hash_fails_with_fix(tmp_path):
 
 
 def test_compiled_walk_matches_the_numpy_reference():
-    from tasc.draft import _draft_kernels, walk_continuations_numpy
+    from tasc.decode.draft import _draft_kernels, walk_continuations_numpy
 
     if _draft_kernels() is None:
         pytest.skip("no C compiler here: walk_continuations is the numpy reference itself")
@@ -384,8 +384,8 @@ def test_compiled_walk_matches_the_numpy_reference():
 
 
 def test_compiled_lookups_match_the_numpy_references(monkeypatch):
-    from tasc.draft import _draft_kernels, context_continuations
-    from tasc.proposer import Proposer
+    from tasc.decode.draft import _draft_kernels, context_continuations
+    from tasc.decode.proposer import Proposer
 
     if _draft_kernels() is None:
         pytest.skip("no C compiler here: the numpy references run")
@@ -400,7 +400,7 @@ def test_compiled_lookups_match_the_numpy_references(monkeypatch):
         assert n == ref_n and np.array_equal(rows, ref_rows)
         compiled = Proposer(None)
         compiled.propose(ctx)  # the fused kernel records the match length
-        monkeypatch.setattr("tasc.proposer._draft_kernels", lambda: None)
+        monkeypatch.setattr("tasc.decode.proposer._draft_kernels", lambda: None)
         python = Proposer(None)
         _, got, got_n = python._context_rows(ctx)
         want, want_n = context_continuations(ctx, 16)

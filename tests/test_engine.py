@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasc import engine
-from tasc.draft import SEP, BoundDraft, build_draft_corpus
-from tasc.engine import DecodeConfig, decode, encode_prompts, measure_verify_cost, verify_draft
-from tasc.proposer import Proposer
+from tasc.decode import engine
+from tasc.decode.draft import SEP, BoundDraft, build_draft_corpus
+from tasc.decode.engine import DecodeConfig, decode, encode_prompts, measure_verify_cost, verify_draft
+from tasc.decode.proposer import Proposer
 
 PROMPTS = [
     "What is the weather in Paris?",

@@ -7,18 +7,12 @@ import json
 import numpy as np
 import pytest
 
-import tasc.finetune as ft
-from tasc.expand import expand_tokenizer, resize_and_init
-from tasc.finetune import (
-    DivergedError,
-    FinetuneConfig,
-    ResumeError,
-    cpu_config,
-    finetune,
-    gpu_config,
-)
-from tasc.finetune_io import collate, encode_rows
-from tasc.rounds import count_output_tokens, plateau
+import tasc.train.finetune as ft
+from tasc.ft.expand import expand_tokenizer, resize_and_init
+from tasc.ft.rounds import count_output_tokens, plateau
+from tasc.train.config import FinetuneConfig, cpu_config, gpu_config
+from tasc.train.finetune import DivergedError, ResumeError, finetune
+from tasc.train.io import collate, encode_rows
 from tests.test_vocab import snips_completions
 
 TOKENS = ['{"intent": "', '", "slots": {"', '"}}']

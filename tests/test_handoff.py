@@ -71,8 +71,8 @@ def test_runs_are_found_again_by_their_key(tmp_path):
 def corpus(tmp_path_factory) -> dict:
     """The shipped generic spec's corpus, stored as ingestion stores it."""
     from storage.corpus import corpus_version, write_corpus
-    from tasc.ingest import fingerprint_sources, ingest
-    from tasc.spec import load_spec
+    from tasc.data.ingest import fingerprint_sources, ingest
+    from tasc.data.spec import load_spec
 
     spec = load_spec("prompt-completion")
     version = corpus_version(spec, fingerprint_sources(spec))

@@ -20,9 +20,16 @@ from storage.corpus import (
     read_rejected,
     write_corpus,
 )
-from tasc.ingest import BASE_COLUMNS, REJECTED_COLUMNS, IngestError, assign_split, fingerprint_sources, ingest
-from tasc.readers import ReaderError
-from tasc.spec import SPECS_DIR, SplitRule, load_spec, parse_spec
+from tasc.data.ingest import (
+    BASE_COLUMNS,
+    REJECTED_COLUMNS,
+    IngestError,
+    assign_split,
+    fingerprint_sources,
+    ingest,
+)
+from tasc.data.readers import ReaderError
+from tasc.data.spec import SPECS_DIR, SplitRule, load_spec, parse_spec
 
 SHIPPED = sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
 

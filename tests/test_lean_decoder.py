@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from tasc import cpu_kernels, engine
-from tasc.engine import DecodeConfig
-from tasc.lean_decoder import LeanDecoder, unsupported
+from tasc.accel import backend, packed
+from tasc.accel.lean_decoder import LeanDecoder, unsupported
+from tasc.decode import engine
+from tasc.decode.engine import DecodeConfig
 from tasc.models import load_model
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2/FMA CPU or no C compiler here")
+pytestmark = pytest.mark.skipif(not packed.available(), reason="no AVX2/FMA CPU or no C compiler here")
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +132,12 @@ def test_models_it_does_not_fit_keep_transformers_forward(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
-    assert cpu_kernels.pack_linears(eager) > 0
+    assert packed.pack_linears(eager) > 0
     assert unsupported(eager) == "attention 'eager'"
-    assert "lean-decoder" not in cpu_kernels.speed_up(eager) and eager._tasc_lean is None
+    assert "lean-decoder" not in backend.speed_up(eager) and eager._tasc_lean is None
     fast = load_model(str(tiny_model_dir), dtype="float32", device="cpu", kernels="auto").model
     assert fast._tasc_lean is not None
-    cpu_kernels.unpack_linears(fast)  # the lean forward runs on the packed copies: it goes too
+    packed.unpack_linears(fast)  # the lean forward runs on the packed copies: it goes too
     assert getattr(fast, "_tasc_lean", None) is None
     plain = load_model(str(tiny_model_dir), dtype="float32", device="cpu").model
     assert unsupported(plain) == "linears not packed"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasc.metrics import (
+from tasc.eval.metrics import (
     METRIC_DESCRIPTIONS,
     chrf,
     exact_match,
@@ -21,7 +21,7 @@ from tasc.metrics import (
     score_many,
     token_f1,
 )
-from tasc.sandbox import NETWORK_ERROR, run_sandboxed
+from tasc.eval.sandbox import NETWORK_ERROR, run_sandboxed
 
 MBPP = Path(os.environ.get("TASC_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 MBPP = MBPP / "mbpp" / "mbpp.jsonl"

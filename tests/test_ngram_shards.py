@@ -9,14 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.ngram_shards import read_shard, write_shard
-from tasc.ngram_shards import (
+from tasc.ngrams.counts import count_text_ngrams, count_token_ngrams
+from tasc.ngrams.shards import (
     count_text_shard,
     count_token_shard,
     merged_text_table,
     merged_token_table,
     shard_bounds,
 )
-from tasc.ngrams import count_text_ngrams, count_token_ngrams
 from tests.test_vocab import mbpp_code, snips_completions
 
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.ngram_tables import NgramTableError, read_ngram_table, write_ngram_table
-from tasc.ngrams import (
+from tasc.ngrams.counts import (
     TEXT_SCHEMA,
     TOKEN_SCHEMA,
     _sorted_runs,

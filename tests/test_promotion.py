@@ -1,4 +1,4 @@
-from tasc.promotion import PromotionPolicy, Scorecard, decide
+from tasc.eval.promotion import PromotionPolicy, Scorecard, decide
 
 P = PromotionPolicy(min_speedup=1.1, max_metric_drop=0.01, metric_floor=0.2)
 

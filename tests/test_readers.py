@@ -10,8 +10,8 @@ import sys
 import pandas as pd
 import pytest
 
-from tasc.readers import ReaderError, expand_paths, read_records
-from tasc.spec import Source, default_data_dir
+from tasc.data.readers import ReaderError, expand_paths, read_records
+from tasc.data.spec import Source, default_data_dir
 
 DATA = default_data_dir()
 PLAYMUSIC = str(DATA / "snips" / "train" / "train_PlayMusic_full.json")
@@ -167,8 +167,8 @@ def test_hf_reader_on_local_jsonl(tmp_path):
 def test_hf_hub_id_offline_fails_with_a_clear_message():
     # A fresh interpreter: the hub's offline switch is read when the library is imported.
     code = (
-        "from tasc.readers import read_records, ReaderError\n"
-        "from tasc.spec import Source\n"
+        "from tasc.data.readers import read_records, ReaderError\n"
+        "from tasc.data.spec import Source\n"
         "try:\n    list(read_records(Source('hf', ('hf://tasc-missing/none',))))\n"
         "except ReaderError as e:\n    print(e)\n"
     )

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from storage import registry
-from tasc.promotion import PromotionPolicy, Scorecard
+from tasc.eval.promotion import PromotionPolicy, Scorecard
 
 TASK = "prompt-completion"
 
@@ -31,7 +31,7 @@ def test_first_version_is_champion(pipeline_result):
 def test_pyfunc_from_registry_generates_with_the_draft(pipeline_result):
     import mlflow
 
-    from tasc.engine import DecodeConfig, generate
+    from tasc.decode.engine import DecodeConfig, generate
     from tasc.models import load_model
 
     model = mlflow.pyfunc.load_model(f"models:/{registry.registered_name(TASK)}@champion")

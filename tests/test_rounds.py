@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasc.finetune import FinetuneConfig
+from tasc.ft.rounds import RoundsConfig, finetune_only, run_round
+from tasc.ft.select import SelectionConfig
 from tasc.models import load_model, load_tokenizer
-from tasc.rounds import RoundsConfig, finetune_only, run_round
-from tasc.vocab import SelectionConfig
+from tasc.train.config import FinetuneConfig
 from tests.test_vocab import snips_completions
 
 TASC = str(Path(sys.executable).parent / "tasc")
@@ -86,9 +86,9 @@ def test_ft_only_keeps_the_vocabulary(tiny_model_dir, tiny_tokenizer, rows, tmp_
 
 
 def test_tasc_ft_spec_is_lossless_on_the_expanded_tokenizer(expanded, rows):
-    from tasc.draft import BoundDraft, build_draft_corpus
-    from tasc.engine import DecodeConfig
-    from tasc.runners import build_methods
+    from tasc.decode.draft import BoundDraft, build_draft_corpus
+    from tasc.decode.engine import DecodeConfig
+    from tasc.eval.methods import build_methods
 
     lm = load_model(str(expanded.model_dir), dtype="float32", device="cpu")
     train, val = rows
@@ -203,8 +203,8 @@ def test_tokens_per_round_default_is_one_number_everywhere():
     from flows.pipeline import PipelineParams
     from flows.vocab import vocab_flow
     from tasc.cli import vocab
-    from tasc.rounds import make_config
-    from tasc.vocab import TOKENS_PER_ROUND
+    from tasc.ft.rounds import make_config
+    from tasc.ft.select import TOKENS_PER_ROUND
 
     assert SelectionConfig().tokens_per_round == TOKENS_PER_ROUND
     assert make_config().selection.tokens_per_round == TOKENS_PER_ROUND

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from tasc.expand import expand_tokenizer, resize_and_init, round_trip_report
-from tasc.spec import default_data_dir
-from tasc.vocab import SelectionConfig, TokenizerError, _Counter, select_tokens
+from tasc.data.spec import default_data_dir
+from tasc.ft.expand import expand_tokenizer, resize_and_init, round_trip_report
+from tasc.ft.select import SelectionConfig, TokenizerError, _Counter, select_tokens
 
 
 def snips_completions(limit: int = 200) -> list[str]:

@@ -1,0 +1,349 @@
+"""Ingestion: read a spec's sources into a validated prompt/completion corpus.
+
+Pure: returns DataFrames and a manifest and writes nothing (``storage.corpus`` stores them).
+Every record is shaped (``prompt_completion``, ``messages`` or ``template``) and checked;
+each problem becomes a bad row naming its file, line and field. Policy ``fail`` raises
+:class:`IngestError` listing the first problems; ``skip`` keeps the good rows and returns the
+bad ones in ``rejected``. Nothing disappears silently: exact duplicates are removed but
+counted, and records whose bytes were replaced while decoding are counted.
+
+Splits come from a stable hash of the split seed and the row id, so they depend neither on
+row order nor on Python's hash seed, and a row keeps its split when others are added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import string
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from tasc.data.readers import HUB_PREFIX, RawRecord, expand_paths, read_records
+from tasc.data.spec import BAD_ROW_POLICIES, SpecError, SplitRule, TaskSpec
+
+SPLITS = ("train", "validation", "test")
+BASE_COLUMNS = ["id", "prompt", "completion", "split", "source", "line"]
+CHAT_COLUMNS = ["system", "messages"]  # only for shape "messages"
+REJECTED_COLUMNS = ["source", "line", "location", "field", "reason", "raw"]
+SHOWN_PROBLEMS = 5
+_FORMATTER = string.Formatter()
+
+
+class IngestError(ValueError):
+    """Bad rows under policy ``fail``; ``rejected`` holds every one of them."""
+
+    def __init__(self, message: str, rejected: pd.DataFrame):
+        super().__init__(message)
+        self.rejected = rejected
+
+
+class BadRow(Exception):
+    """One record that cannot become a corpus row: the field at fault and why."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+@dataclass
+class IngestResult:
+    """The corpus, the rejected rows (possibly empty) and the manifest describing both."""
+
+    corpus: pd.DataFrame
+    rejected: pd.DataFrame
+    manifest: dict[str, Any]
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_dir(path: str) -> str:
+    """A folder (a local Hugging Face dataset): names and contents of every file in it."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            h.update(os.path.relpath(full, path).encode() + b"\0" + _sha256_file(full).encode())
+    return h.hexdigest()
+
+
+def fingerprint_sources(spec: TaskSpec) -> dict[str, str]:
+    """Path -> sha256 of its bytes for every source; cheap enough to run before parsing.
+
+    A hub dataset (``hf://owner/name``) cannot be hashed without downloading it, so its
+    fingerprint is its id and split: it is re-read only when the spec changes.
+    """
+    out: dict[str, str] = {}
+    for path in expand_paths(spec.source):
+        if path.startswith(HUB_PREFIX):
+            out[path] = f"hub:{path}@{spec.source.hf_split or 'train'}"
+        elif os.path.isdir(path):
+            out[path] = _sha256_dir(path)
+        else:
+            out[path] = _sha256_file(path)
+    return out
+
+
+def _check_spec(spec: TaskSpec) -> None:
+    """Spec mistakes that would otherwise show up as every row being bad."""
+    where = str(spec.path or spec.name)
+    if spec.shape == "template":
+        for key in ("prompt_template", "completion_template"):
+            try:
+                names = [n for _, n, _, _ in _FORMATTER.parse(getattr(spec, key) or "") if n is not None]
+            except ValueError as e:
+                raise SpecError(
+                    f"{where}: '{key}' is not a valid template: {e} (write {{{{ for a brace)"
+                ) from e
+            if "" in names or any(n[0].isdigit() for n in names if n):
+                raise SpecError(f"{where}: '{key}' uses a positional field; name a record field: {{name}}")
+    taken = set(BASE_COLUMNS) | (set(CHAT_COLUMNS) if spec.shape == "messages" else set())
+    clash = sorted(set(spec.extras) & taken)
+    if clash:
+        raise SpecError(f"{where}: 'extras' columns {clash} clash with corpus columns {sorted(taken)}")
+    rule = spec.split
+    if min(rule.validation, rule.test) < 0 or rule.validation + rule.test >= 1:
+        raise SpecError(f"{where}: 'split' fractions must be >= 0 and leave rows for train")
+
+
+def _text(fields: dict[str, Any], name: str) -> str:
+    """A record field that must be text."""
+    if fields.get(name) is None:
+        raise BadRow(name, "missing field")
+    value = fields[name]
+    if not isinstance(value, str):
+        raise BadRow(name, f"expected text, got {type(value).__name__}")
+    return value
+
+
+def _render(template: str, fields: dict[str, Any]) -> str:
+    """``str.format_map`` over the record, after checking every placeholder resolves to text."""
+    for _, name, _, _ in _FORMATTER.parse(template):
+        if name is None:
+            continue
+        root = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if fields.get(root) is None:
+            raise BadRow(root, "missing field")
+        try:
+            value, _ = _FORMATTER.get_field(name, (), fields)
+        except (LookupError, AttributeError, TypeError) as e:
+            raise BadRow(name, f"cannot resolve {{{name}}}: {type(e).__name__}: {e}") from None
+        if value is None or isinstance(value, (dict, list, tuple)):
+            raise BadRow(name, f"expected text, got {type(value).__name__}")
+    return template.format_map(fields)
+
+
+def _chat_turns(msgs: Any, name: str) -> list[dict[str, str]]:
+    """A validated list of ``{role, content}`` turns."""
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRow(name, f"expected a non-empty list of messages, got {type(msgs).__name__}")
+    turns = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRow(f"{name}[{i}]", "expected an object with a 'role' and a 'content'")
+        if not isinstance(m.get("content"), str):
+            raise BadRow(f"{name}[{i}].content", f"expected text, got {type(m.get('content')).__name__}")
+        turns.append({"role": m["role"], "content": m["content"]})
+    return turns
+
+
+def _shape_messages(fields: dict[str, Any], spec: TaskSpec) -> dict[str, Any]:
+    name = spec.source.messages_field
+    if fields.get(name) is None:
+        raise BadRow(name, "missing field")
+    turns = _chat_turns(fields[name], name)
+    system = [t["content"] for t in turns if t["role"] == "system"]
+    chat = [t for t in turns if t["role"] != "system"]
+    if not chat or chat[-1]["role"] != "assistant":
+        raise BadRow(name, "the last message must be the assistant's (the completion)")
+    if len(chat) < 2 or chat[-2]["role"] != "user":
+        raise BadRow(name, "the assistant's last message must follow a user message (the prompt)")
+    return {
+        "prompt": chat[-2]["content"],
+        "completion": chat[-1]["content"],
+        "system": "\n\n".join(system) if system else spec.system_prompt,
+        "messages": json.dumps(chat[:-2], ensure_ascii=False),  # earlier turns
+    }
+
+
+def _shape(fields: dict[str, Any], spec: TaskSpec) -> dict[str, Any]:
+    """The prompt and completion (and chat columns) of one record, per ``spec.shape``."""
+    if spec.shape == "messages":
+        return _shape_messages(fields, spec)
+    if spec.shape == "template":
+        return {
+            "prompt": _render(spec.prompt_template or "", fields),
+            "completion": _render(spec.completion_template or "", fields),
+        }
+    src = spec.source
+    return {"prompt": _text(fields, src.prompt_field), "completion": _text(fields, src.completion_field)}
+
+
+def _normalize(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\r\n", "\n").replace("\r", "\n")
+    if isinstance(value, list):
+        return [_normalize(v) for v in value]
+    return value
+
+
+def _labels(spec: TaskSpec) -> tuple[str, str]:
+    """How bad rows name the prompt and the completion: the record field where there is one."""
+    if spec.shape == "prompt_completion":
+        return spec.source.prompt_field, spec.source.completion_field
+    if spec.shape == "messages":
+        return spec.source.messages_field, spec.source.messages_field
+    return "prompt", "completion"
+
+
+def _check_texts(row: dict[str, Any], spec: TaskSpec) -> None:
+    plabel, clabel = _labels(spec)
+    if not row["prompt"].strip():
+        raise BadRow(plabel, "empty prompt")
+    if not row["completion"].strip():
+        raise BadRow(clabel, "empty completion")
+    for key, label, limit, setting in (
+        ("prompt", plabel, spec.limits.max_prompt_chars, "max_prompt_chars"),
+        ("completion", clabel, spec.limits.max_completion_chars, "max_completion_chars"),
+    ):
+        if len(row[key]) > limit:
+            raise BadRow(label, f"{key} too long: {len(row[key])} characters > limits.{setting} ({limit})")
+
+
+def hash_id(row: dict[str, Any]) -> str:
+    """A stable id from the row's text (prompt, completion and any chat context)."""
+    blob = json.dumps([row.get("system"), row.get("messages"), row["prompt"], row["completion"]])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _row_id(fields: dict[str, Any], row: dict[str, Any], spec: TaskSpec) -> str:
+    name = spec.source.id_field
+    if not name:
+        return hash_id(row)
+    value = fields.get(name)
+    if value is None or isinstance(value, (dict, list)) or not str(value).strip():
+        raise BadRow(name, "missing field (id_field)" if value is None else "not usable as an id")
+    return str(value)
+
+
+def build_row(rec: RawRecord, spec: TaskSpec) -> dict[str, Any]:
+    """One corpus row from a record (without its split); raises :class:`BadRow`."""
+    if rec.problem is not None:
+        raise BadRow("(record)", rec.problem)
+    row = _shape(rec.fields, spec)
+    for column, name in spec.extras.items():
+        if name not in rec.fields:
+            raise BadRow(name, "missing field (extras)")
+        row[column] = rec.fields[name]
+    if spec.source.normalize_newlines:
+        row = {k: _normalize(v) for k, v in row.items()}
+    _check_texts(row, spec)
+    row["id"] = _row_id(rec.fields, row, spec)
+    row["source"], row["line"] = rec.source, rec.line
+    return row
+
+
+def assign_split(row_id: str, rule: SplitRule) -> str:
+    """``train`` / ``validation`` / ``test`` from sha256(seed + id) mapped to [0, 1)."""
+    digest = hashlib.sha256(f"{rule.seed}:{row_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    if u < rule.test:
+        return "test"
+    return "validation" if u < rule.test + rule.validation else "train"
+
+
+def _rejection(rec: RawRecord, bad: BadRow) -> dict[str, Any]:
+    raw = rec.raw if rec.problem is not None else json.dumps(rec.fields, ensure_ascii=False, default=str)
+    where = {"source": rec.source, "line": rec.line, "location": rec.location}
+    return {**where, "field": bad.field, "reason": bad.reason, "raw": raw}
+
+
+def _collect(spec: TaskSpec) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """Good rows (deduplicated), rejections and counts, in reading order."""
+    rows: list[dict] = []
+    rejected: list[dict] = []
+    seen_text: set[tuple] = set()
+    seen_id: dict[str, str] = {}
+    counts = {"records_read": 0, "duplicates_removed": 0, "decode_replacements": 0}
+    for rec in read_records(spec.source):
+        counts["records_read"] += 1
+        counts["decode_replacements"] += rec.replacements > 0
+        try:
+            row = build_row(rec, spec)
+            key = (row["prompt"], row["completion"], row.get("system"), row.get("messages"))
+            if key in seen_text:
+                counts["duplicates_removed"] += 1
+                continue
+            if row["id"] in seen_id:
+                first = seen_id[row["id"]]
+                raise BadRow(spec.source.id_field or "id", f"duplicate id {row['id']!r} (first at {first})")
+        except BadRow as bad:
+            rejected.append(_rejection(rec, bad))
+            continue
+        seen_text.add(key)
+        seen_id[row["id"]] = rec.location
+        rows.append(row)
+    return rows, rejected, counts
+
+
+def _frames(rows: list[dict], rejected: list[dict], spec: TaskSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+    chat = CHAT_COLUMNS if spec.shape == "messages" else []
+    corpus = pd.DataFrame(rows, columns=BASE_COLUMNS + chat + list(spec.extras))
+    corpus["line"] = corpus["line"].astype("Int64")
+    bad = pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
+    bad["line"] = bad["line"].astype("Int64")
+    return corpus, bad
+
+
+def _failure_message(spec: TaskSpec, rejected: list[dict]) -> str:
+    lines = [f"{spec.name}: {len(rejected)} bad row(s); the first {min(SHOWN_PROBLEMS, len(rejected))}:"]
+    lines += [f"  {r['location']} {r['field']}: {r['reason']}" for r in rejected[:SHOWN_PROBLEMS]]
+    lines.append(
+        "Fix the data, or set `on_bad_rows: skip` in the spec to keep the good rows and set the bad aside."
+    )
+    return "\n".join(lines)
+
+
+def _manifest(spec: TaskSpec, policy: str, corpus: pd.DataFrame, n_rejected: int, counts: dict) -> dict:
+    fingerprints = fingerprint_sources(spec)
+    sizes = {p: (os.path.getsize(p) if os.path.isfile(p) else None) for p in fingerprints}
+    return {
+        "spec": spec.name,
+        "spec_hash": spec.hash(),
+        "policy": policy,
+        "rows": {s: int((corpus["split"] == s).sum()) for s in SPLITS},
+        "total": len(corpus),
+        "rejected": n_rejected,
+        **counts,
+        "sources": {p: {"sha256": h, "bytes": sizes[p]} for p, h in fingerprints.items()},
+    }
+
+
+def ingest(spec: TaskSpec, policy: str | None = None) -> IngestResult:
+    """Read, shape, validate, deduplicate and split a spec's data; writes nothing.
+
+    ``policy`` overrides ``spec.on_bad_rows``: ``fail`` raises :class:`IngestError` on any
+    bad row, ``skip`` returns them in ``IngestResult.rejected``.
+    """
+    policy = policy or spec.on_bad_rows
+    if policy not in BAD_ROW_POLICIES:
+        raise ValueError(f"bad-row policy must be one of {', '.join(BAD_ROW_POLICIES)}; got {policy!r}")
+    _check_spec(spec)
+    rows, rejected, counts = _collect(spec)
+    for row in rows:
+        row["split"] = assign_split(row["id"], spec.split)
+    corpus, bad = _frames(rows, rejected, spec)
+    if rejected and policy == "fail":
+        raise IngestError(_failure_message(spec, rejected), bad)
+    return IngestResult(corpus, bad, _manifest(spec, policy, corpus, len(bad), counts))

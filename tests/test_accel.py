@@ -1,0 +1,137 @@
+"""The CPU inference kernels: the packed small-batch GEMM against numpy, row results that do not
+depend on the batch, a packed tiny model that decodes like the plain one (speculative decoding
+token-identical to greedy), training through a packed model, an unchanged state dict, and the
+exact argmax head (the same ids as the full fp32 head, near ties included)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tasc.accel import argmax_head, packed
+from tasc.decode import engine
+from tasc.decode.draft import BoundDraft, build_draft_corpus
+from tasc.decode.engine import DecodeConfig
+from tasc.models import load_model
+
+pytestmark = pytest.mark.skipif(not packed.available(), reason="no AVX2/FMA CPU or no C compiler here")
+
+PROMPTS = ["What is the weather in Paris?", "Write a function to add two numbers.", "Play some jazz music",
+           "def f(x):", "Book a table for two at 8pm", "Add this song to my playlist"]
+
+
+def test_small_gemm_matches_numpy_and_rows_do_not_depend_on_the_batch():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((37, 70), dtype=np.float32)  # N not a multiple of the block
+    blocks = packed.pack(w)
+    assert blocks.shape == (5, 70, 8)
+    x = rng.standard_normal((26, 70), dtype=np.float32)
+    full = packed.small_gemm(x, blocks, 37)
+    np.testing.assert_allclose(full, x @ w.T, rtol=1e-5, atol=1e-5)
+    for m in (1, 2, 5, 9, 12, 13):  # one pass, a partial pass, several passes
+        part = packed.small_gemm(np.ascontiguousarray(x[:m]), blocks, 37)
+        assert np.array_equal(part, full[:m])  # bitwise
+    assert np.array_equal(packed.small_gemm(x, blocks, 37, threads=2), full)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir):
+    plain = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    fast = load_model(str(tiny_model_dir), dtype="float32", device="cpu", kernels="auto")
+    return plain, fast
+
+
+def test_packed_model_computes_the_same_logits(models):
+    plain, fast = models
+    assert plain.kernels == "torch"
+    assert fast.kernels == "packed-linear+grouped-attention+argmax-head+lean-decoder"
+    ids = torch.tensor([plain.tokenizer("Will it rain tomorrow in London? Book a table")["input_ids"]])
+    with torch.no_grad():
+        a, b = plain.model(ids).logits, fast.model(ids).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
+    assert list(fast.model.state_dict()) == list(plain.model.state_dict())
+
+
+def test_packed_model_decodes_losslessly(models):
+    plain, fast = models
+    cfg = DecodeConfig(max_new_tokens=40)
+    greedy = engine.generate(fast.model, fast.tokenizer, PROMPTS, method="greedy", config=cfg)
+    reference = engine.generate(plain.model, plain.tokenizer, PROMPTS, method="greedy", config=cfg)
+    same = sum(g.token_ids == r.token_ids for g, r in zip(greedy, reference, strict=True))
+    assert same >= len(PROMPTS) - 1  # float rounding may flip a near tie, rarely
+    draft = BoundDraft.from_corpus(build_draft_corpus(on_policy=[o.text for o in greedy], corpus_hash="t"),
+                                   fast.tokenizer)
+    spec = engine.generate(fast.model, fast.tokenizer, PROMPTS, draft=draft, method="tasc-spec", config=cfg)
+    for s, g in zip(spec, greedy, strict=True):
+        assert s.token_ids == g.token_ids  # multi-token verify steps agree with one-token steps
+    assert sum(o.stats.accepted for o in spec) > 0
+
+
+def test_training_goes_through_torch_and_repacks_changed_weights(tiny_model_dir):
+    plain = load_model(str(tiny_model_dir), dtype="float32", device="cpu").model.train()
+    fast = load_model(str(tiny_model_dir), dtype="float32", device="cpu", kernels="auto").model.train()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+    for m in (plain, fast):
+        m.zero_grad()
+        m(ids, labels=ids).loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    with torch.no_grad():  # a training step changes the weights in place: the packed copy follows
+        for p in fast.parameters():
+            p.add_(p.grad, alpha=-0.5)
+        after = fast(ids).logits
+        packed.unpack_linears(fast)
+        torch.testing.assert_close(after, fast(ids).logits, rtol=1e-5, atol=1e-4)
+
+
+def _full_argmax(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return packed.small_gemm(x, packed.pack(w), len(w)).argmax(axis=1)
+
+
+def test_argmax_head_equals_the_full_head_bitwise_near_ties_included():
+    rng = np.random.default_rng(1)
+    n, k = 301, 64  # N not a multiple of the block
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+    # Near ties: columns that differ from column 7 in the last bits only, an exact copy (the
+    # smaller id must win), and a column of zeros.
+    for j, eps in ((40, 1e-7), (41, -1e-7), (42, 3e-7)):
+        w[j] = w[7] * np.float32(1 + eps)
+    w[250] = w[7]
+    w[3] = 0.0
+    x = rng.standard_normal((20, k)).astype(np.float32)
+    x[10:] = w[7] * 40  # rows whose argmax is column 7 or one of its near copies
+    head = argmax_head.ArgmaxHead(torch.from_numpy(w))
+    ids = head(x)
+    assert np.array_equal(ids, _full_argmax(w, x))
+    assert set(ids[10:].tolist()) <= {7, 40, 41, 42} and 250 not in ids
+    assert head.rescored >= len(x)  # every row recomputed its winner in fp32
+    for m in (1, 4, 13):  # the row count never changes a row's id
+        assert np.array_equal(head(np.ascontiguousarray(x[:m])), ids[:m])
+
+
+def test_argmax_head_follows_a_changed_weight():
+    rng = np.random.default_rng(2)
+    weight = torch.from_numpy(rng.standard_normal((64, 32)).astype(np.float32))
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    head = argmax_head.ArgmaxHead(weight)
+    before = head(x)
+    with torch.no_grad():
+        weight[int(before[0])] -= 100.0  # the old winner of row 0 can no longer win
+    after = head(x)
+    assert after[0] != before[0]
+    assert np.array_equal(after, _full_argmax(weight.numpy(), x))
+
+
+def test_greedy_decoding_with_the_argmax_head_is_unchanged(models):
+    _, fast = models
+    assert fast.model._tasc_argmax_head is not None
+    cfg = DecodeConfig(max_new_tokens=30)
+    with_head = engine.generate(fast.model, fast.tokenizer, PROMPTS, method="greedy", config=cfg)
+    head, fast.model._tasc_argmax_head = fast.model._tasc_argmax_head, None
+    try:
+        without = engine.generate(fast.model, fast.tokenizer, PROMPTS, method="greedy", config=cfg)
+    finally:
+        fast.model._tasc_argmax_head = head
+    assert [o.token_ids for o in with_head] == [o.token_ids for o in without]
+    assert head.rows > 0  # the head did the work
