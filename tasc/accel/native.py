@@ -2,7 +2,7 @@
 
 Each kernel is one self-contained C file whose header states its contract. It is compiled
 with the system C compiler (``CC``, else ``cc``/``gcc``) into the kernel cache
-(``TASC_KERNEL_CACHE``, default ``~/.cache/tasc/accel/kernels``) under a name keyed by the source
+(``TASC_KERNEL_CACHE``, default ``~/.cache/tasc/kernels``) under a name keyed by the source
 and flags, so an edited kernel is rebuilt and concurrent processes never load half a file.
 Every caller keeps a pure numpy/torch path: :func:`load` returns None without a compiler,
 on a CPU without the flags' instruction sets, or with ``TASC_NATIVE=0``."""
