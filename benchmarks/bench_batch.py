@@ -27,14 +27,16 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from tasc.data.prompts import Row, encode_prompts
 from tasc.decode import engine
 from tasc.decode.batch_engine import generate_batch
 from tasc.decode.draft import BoundDraft
 from tasc.decode.engine import DecodeConfig, Output
+from tasc.models import DEFAULT_MODEL
 
 
 def _methods(lm, batch: int, draft: BoundDraft | None, cfg: DecodeConfig, cost, system_prompt, chat_template
-             ) -> dict[str, Callable[[list[str]], list[Output]]]:
+             ) -> dict[str, Callable[[list[Row]], list[Output]]]:
     common = dict(config=cfg, system_prompt=system_prompt, chat_template=chat_template, cost=cost)
 
     def single(method):
@@ -48,7 +50,7 @@ def _methods(lm, batch: int, draft: BoundDraft | None, cfg: DecodeConfig, cost, 
             f"greedy-b{batch}": batched("greedy"), f"tasc-spec-b{batch}": batched("tasc-spec")}
 
 
-def compare(lm, prompts: Sequence[str], batch: int, draft: BoundDraft | None, cfg: DecodeConfig,
+def compare(lm, prompts: Sequence[Row], batch: int, draft: BoundDraft | None, cfg: DecodeConfig,
             cost=None, system_prompt: str | None = None, chat_template: bool = True, warmup: int = 1,
             metric: str | None = None, rows: Sequence[dict] | None = None) -> dict:
     """Run the four methods over ``prompts`` interleaved by group; returns the report dict.
@@ -57,7 +59,7 @@ def compare(lm, prompts: Sequence[str], batch: int, draft: BoundDraft | None, cf
     if batch < 2:
         raise ValueError("--batch must be at least 2 (batch 1 is the reference)")
     methods = _methods(lm, batch, draft, cfg, cost, system_prompt, chat_template)
-    ids = engine.encode_prompts(lm.tokenizer, prompts, system_prompt, chat_template)
+    ids = encode_prompts(lm.tokenizer, prompts, system_prompt, chat_template)
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     groups = [order[s : s + batch] for s in range(0, len(order), batch)]
     for g in groups[:warmup]:
@@ -152,7 +154,7 @@ def _find_draft(choice: str, spec_name: str, version: str, model: str, tokenizer
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--spec", default="snips")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--n", type=int, default=32, help="test prompts")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--split", default="test")
@@ -185,8 +187,9 @@ def main() -> None:
     cost = engine.measure_verify_cost(lm.model)
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens or spec.generation.max_new_tokens,
                        stop=spec.generation.stop)
-    report = compare(lm, rows["prompt"].tolist(), args.batch, draft, cfg, cost, spec.system_prompt,
-                     spec.chat_template, args.warmup, spec.metric, rows.to_dict("records"))
+    records = rows.to_dict("records")  # corpus rows: their system and messages count too
+    report = compare(lm, records, args.batch, draft, cfg, cost, spec.system_prompt,
+                     spec.chat_template, args.warmup, spec.metric, records)
     report.update(spec=spec.name, model=args.model, corpus_version=path.name, split=args.split, draft=draft_src,
                   environment=environment(str(lm.dtype).replace("torch.", ""), lm.device, lm.kernels),
                   verify_cost={f"V{k}": float(cost[k]) for k in (2, 4, 8, 16) if k < len(cost)})

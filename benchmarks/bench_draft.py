@@ -18,6 +18,7 @@ import numpy as np
 
 from tasc.decode.draft import BoundDraft, build_draft_corpus
 from tasc.decode.proposer import Proposer, ProposerConfig
+from tasc.models import DEFAULT_MODEL
 
 
 def real_texts() -> list[str]:
@@ -34,7 +35,7 @@ def real_texts() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=10_000_000)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--proposals", type=int, default=2000)
     args = ap.parse_args()
     from tasc.models import load_tokenizer

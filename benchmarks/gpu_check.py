@@ -60,7 +60,7 @@ def bench(lms: dict, spec, rows: pd.DataFrame, draft_texts, methods: list[str], 
         bound = {"main": BoundDraft.from_corpus(ft_draft_texts or draft_texts, ft.tokenizer)}
         made += [Method("tasc-ft+spec", m.run) for m in build_methods(
             ["tasc-spec"], ft, cfg, spec.system_prompt, spec.chat_template, bound, measure_verify_cost(ft.model))]
-    report = run_benchmark(made, rows["prompt"].tolist(), rows.to_dict("records"), spec.metric, ids=rows["id"].tolist())
+    report = run_benchmark(made, rows.to_dict("records"), spec.metric, ids=rows["id"].tolist())
     report.update(spec=spec.name, environment=environment(str(base.dtype), base.device),
                   verify_cost=verify_cost_summary(cost))
     report["per_sample"] = report.get("per_sample", [])[:6]
@@ -76,7 +76,7 @@ def harvest_specs(args, out: Path, result: dict, save) -> None:
         corpus = pd.read_parquet(path)
         train = spread_sample(corpus[corpus.split == "train"], args.harvest_limit)
         t0 = time.time()
-        outs = harvest(lm, train["prompt"].tolist(), spec.generation.max_new_tokens, spec.system_prompt,
+        outs = harvest(lm, train.to_dict("records"), spec.generation.max_new_tokens, spec.system_prompt,
                        spec.chat_template, batch_size=args.batch)
         pd.DataFrame({"id": train["id"].tolist(), "prompt": train["prompt"].tolist(), "output": outs}).to_parquet(
             out / f"harvest-{name}.parquet")
@@ -90,7 +90,7 @@ def batched_metric(lm, spec, rows: pd.DataFrame, batch: int) -> dict:
     """Task metric of ``lm`` on many rows with batched greedy generation (the batch-1 bench
     is too slow for a metric that must resolve one point): metric, output tokens and chars."""
     t0 = time.time()
-    outs = harvest(lm, rows["prompt"].tolist(), spec.generation.max_new_tokens, spec.system_prompt,
+    outs = harvest(lm, rows.to_dict("records"), spec.generation.max_new_tokens, spec.system_prompt,
                    spec.chat_template, batch_size=batch)
     scores = score_many(spec.metric, outs, rows.to_dict("records"))
     tokens = count_output_tokens(lm.tokenizer, outs)
@@ -168,7 +168,7 @@ def tasc_ft(args, out: Path, result: dict, save, started: float) -> None:
     ft = lms[first]
     rows = spread_sample(train, args.ft_harvest_limit)
     t0 = time.time()
-    ft_texts = harvest(ft, rows["prompt"].tolist(), spec.generation.max_new_tokens, spec.system_prompt,
+    ft_texts = harvest(ft, rows.to_dict("records"), spec.generation.max_new_tokens, spec.system_prompt,
                        spec.chat_template, batch_size=args.batch)
     result["ft_harvest"] = {"rows": len(ft_texts), "seconds": time.time() - t0}
     result["ft_bench"] = bench({"base": base, "ft-only": lms["ft-only"], "tasc-ft": ft}, spec, bench_rows, draft,

@@ -22,16 +22,9 @@ from prefect.exceptions import ObjectNotFound
 from storage.settings import finetune_procs, finetune_timeout
 from tasc.data.spec import load_spec
 from tasc.train.launch import resolve_procs
-from tasks.handoff import (
-    fetch_inputs,
-    fetch_result,
-    find_handoff_run,
-    finetune_job,
-    publish_inputs,
-    reopen_run,
-)
+from tasks.handoff import fetch_inputs, fetch_result, find_handoff_run, finetune_job, publish_inputs
 from tasks.policies import fingerprint
-from tasks.tracking import end_run, log_to_run, start_run
+from tasks.tracking import run_log, tracked_run
 
 RESULT_METRICS = ("steps", "resumed_from", "train_loss", "val_loss", "tokens_per_s", "world_size")
 
@@ -51,7 +44,8 @@ def finetune_remote(spec: str, model_uri: str, corpus_uri: str, run_id: str, max
     n = resolve_procs(procs or finetune_procs())
     print(f"fine-tuning {model_uri} for MLflow run {run_id} in {n} process(es)")
     out = finetune_job(inputs["spec"], inputs["corpus"], inputs["model"], inputs["out_dir"], max_steps, n)
-    log_to_run(run_id, metrics={k: out[k] for k in RESULT_METRICS}, artifacts={"model": out["model_dir"]})
+    # The caller holds the run open and ends it once it has fetched the model.
+    run_log(run_id).log(metrics={k: out[k] for k in RESULT_METRICS}, artifacts={"model": out["model_dir"]})
     return f"runs:/{run_id}/model"
 
 
@@ -62,6 +56,22 @@ def _failure(deployment: str, flow_run, timeout: float | None) -> str:
                 f"{timeout} s (state {state.name if state else 'none'})")
     return (f"flow run {flow_run.name!r} ({flow_run.id}) of deployment {deployment!r} ended {state.name}: "
             f"{state.message or 'no message'}")
+
+
+def _run_remote(deployment: str, run_id: str, spec: str, model: str, corpus: dict, max_steps: int):
+    """Publish the inputs to MLflow run ``run_id`` and run the deployment on them; returns its
+    completed flow run, raises RemoteFinetuneError when there is none."""
+    timeout = finetune_timeout()
+    params = publish_inputs(run_id, spec, model, corpus["path"])
+    try:
+        flow_run = run_deployment(deployment, parameters={**params, "run_id": run_id, "max_steps": max_steps},
+                                  timeout=timeout, poll_interval=min(5.0, timeout or 5.0))
+    except ObjectNotFound as e:
+        raise RemoteFinetuneError(f"no Prefect deployment {deployment!r}: deploy it (prefect.yaml has "
+                                  "tasc-finetune-remote/gpu) or unset finetune_deployment") from e
+    if not (flow_run.state and flow_run.state.is_completed()):
+        raise RemoteFinetuneError(_failure(deployment, flow_run, timeout) + f"; MLflow run {run_id}")
+    return flow_run
 
 
 def finetune_on_deployment(deployment: str, spec: str, model: str, max_steps: int, corpus: dict,
@@ -75,36 +85,22 @@ def finetune_on_deployment(deployment: str, spec: str, model: str, max_steps: in
     key = fingerprint([model, corpus["version"], max_steps, deployment])
     found = find_handoff_run(experiment, key)
     flow_run = None
-    # Finished: its model was downloaded once already, so the artifact is complete.
+    # Finished: its model was downloaded once already, so the artifact is complete, and the run
+    # stays as it was (a failed download here must not mark it FAILED and hand it out again).
     if found and found["status"] == "FINISHED" and found["has_model"]:
         run_id = found["run_id"]
         print(f"fine-tuned model of MLflow run {run_id} reused (same inputs)")
+        got = fetch_result(spec, corpus["version"], run_id)
     else:
-        if found:  # handed out again: the remote worker resumes if it kept the run's folder
-            run_id = found["run_id"]
-            reopen_run(run_id, parent_run_id)
-        else:
-            run_id = start_run(experiment, "finetune", {"spec": spec, "model": model, "max_steps": max_steps,
-                               "corpus_version": corpus["version"], "deployment": deployment},
-                               tags={"tasc.handoff_key": key, "tasc.deployment": deployment},
-                               parent_run_id=parent_run_id)
-        timeout = finetune_timeout()
-        try:
-            params = publish_inputs(run_id, spec, model, corpus["path"])
-            flow_run = run_deployment(deployment, parameters={**params, "run_id": run_id, "max_steps": max_steps},
-                                      timeout=timeout, poll_interval=min(5.0, timeout or 5.0))
-        except ObjectNotFound as e:
-            end_run(run_id, "FAILED")
-            raise RemoteFinetuneError(f"no Prefect deployment {deployment!r}: deploy it (prefect.yaml has "
-                                      "tasc-finetune-remote/gpu) or unset finetune_deployment") from e
-        except BaseException:
-            end_run(run_id, "FAILED")
-            raise
-        if not (flow_run.state and flow_run.state.is_completed()):
-            end_run(run_id, "FAILED")
-            raise RemoteFinetuneError(_failure(deployment, flow_run, timeout) + f"; MLflow run {run_id}")
-    got = fetch_result(spec, corpus["version"], run_id)
-    end_run(run_id)
+        params = {"spec": spec, "model": model, "max_steps": max_steps, "corpus_version": corpus["version"],
+                  "deployment": deployment}
+        tags = {"tasc.handoff_key": key, "tasc.deployment": deployment}
+        # Found unfinished: handed out again, the remote worker resumes if it kept the run's folder.
+        with tracked_run(experiment, "finetune", params, tags, parent_run_id,
+                         resume_run_id=found["run_id"] if found else None) as run:
+            run_id = run.run_id
+            flow_run = _run_remote(deployment, run_id, spec, model, corpus, max_steps)
+            got = fetch_result(spec, corpus["version"], run_id)
     m = got["metrics"]
     return {"model_dir": got["model_dir"], "steps": int(m.get("steps", 0)), "resumed_from": int(m.get("resumed_from", 0)),
             "train_loss": m.get("train_loss"), "val_loss": m.get("val_loss"), "mlflow_run_id": run_id,

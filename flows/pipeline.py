@@ -22,13 +22,15 @@ from pydantic import BaseModel, Field
 from flows.finetune_remote import finetune_on_deployment
 from flows.resume import stage_done
 from flows.runners import default_shards, task_runner
-from flows.stages import DEFAULT_MODEL, bench_flow, draft_flow, finetune_flow, ingest_flow, ngrams_flow
+from flows.stages import bench_flow, draft_flow, finetune_flow, ingest_flow, ngrams_flow
 from flows.vocab import vocab_flow
 from storage.settings import finetune_deployment
+from tasc.eval.methods import registered_method
 from tasc.ft.select import TOKENS_PER_ROUND
+from tasc.models import DEFAULT_MODEL
 from tasks.models import fetch_model
 from tasks.registry import promote_model, register_model
-from tasks.tracking import end_run, find_previous_run, log_to_run, start_run
+from tasks.tracking import find_previous_run, tracked_run
 
 # Parameters that change how a run executes, not what it produces: not part of the run key.
 # ``finetune_deployment`` is not one of them: the remote worker picks its own fine-tuning preset
@@ -62,6 +64,7 @@ class PipelineParams(BaseModel):
     register_model: bool = Field(True, description="register the model in MLflow and run the promotion rule")
     min_speedup: float = Field(1.05, description="promotion: chars/s over the champion at least this")
     max_metric_drop: float = Field(0.01, description="promotion (and round choice): task metric may drop at most this")
+    metric_floor: float = Field(0.0, description="promotion: lowest metric a first champion needs (0: no floor)")
     task_runner: str | None = Field(None, description="thread | dask (default: TASC_TASK_RUNNER, else thread)")
     ngram_shards: int | None = Field(None, ge=1, description="corpus shards counted as separate tasks (default: "
                                      "TASC_NGRAM_SHARDS, else 1, or one per Dask worker)")
@@ -124,9 +127,9 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     if previous:
         print(f"data and config unchanged since MLflow run {previous}: nothing to do (force=True reruns)")
         return {"skipped": True, "previous_run_id": previous, "corpus": corpus}
-    run_id = start_run(experiment, "pipeline", {**params.model_dump(), "finetune_deployment": deployment},
-                       tags={"tasc.run_key": run_key})
-    try:
+    with tracked_run(experiment, "pipeline", {**params.model_dump(), "finetune_deployment": deployment},
+                     tags={"tasc.run_key": run_key}) as run:
+        run_id = run.run_id
         fetch_model(params.model)
         ngrams = ngrams_flow.with_options(task_runner=task_runner(params.task_runner))
         tables = ngrams(params.spec, params.model, params.max_n, corpus=corpus, parent_run_id=run_id,
@@ -137,8 +140,7 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
         drafts = draft_flow(params.spec, model, "auto", params.harvest_limit, "auto", corpus, run_id)
         stage_done("draft")
         # With TASC-ft the new model's methods run against the base model's greedy decoding.
-        methods, extra, method = ((params.ft_methods, {"tasc-ft": model}, "tasc-ft+spec") if ft
-                                  else (params.methods, None, "tasc-spec"))
+        methods, extra = (params.ft_methods, {"tasc-ft": model}) if ft else (params.methods, None)
         if ft:  # the draft above is already the TASC-ft model's own: bench binds it to its tokenizer
             drafts = {**drafts, "tasc-ft": drafts["main"]}
         summary = bench_flow(params.spec, params.model, methods, params.limit, params.dtype, drafts=drafts,
@@ -146,15 +148,12 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
         stage_done("bench")
         promotion = None
         if params.register_model:
-            version = register_model(params.spec, run_id, model, drafts["main"], summary, corpus, method=method,
-                                     dtype=params.dtype)
-            promotion = promote_model(params.spec, version, params.min_speedup, params.max_metric_drop)
-    except BaseException:
-        end_run(run_id, "FAILED")
-        raise
-    log_to_run(run_id, metrics={f"speedup.{k}": v for k, v in summary["speedup_vs_greedy"].items()},
-               artifacts={"report": summary["paths"]["json"]})
-    end_run(run_id)
+            version = register_model(params.spec, run_id, model, drafts["main"], summary, corpus,
+                                     method=registered_method(bool(ft)), dtype=params.dtype)
+            promotion = promote_model(params.spec, version, params.min_speedup, params.max_metric_drop,
+                                      params.metric_floor)
+        run.log(metrics={f"speedup.{k}": v for k, v in summary["speedup_vs_greedy"].items()},
+                artifacts={"report": summary["paths"]["json"]})
     table = open(summary["paths"]["markdown"]).read()
     create_markdown_artifact(
         key=f"tasc-{spec.name}-bench".replace("_", "-").lower(),

@@ -8,11 +8,12 @@
                                                       folder complete
     <corpora_dir>/<task>/LATEST                        the version written (or reused) last
 
-The version is a hash of the spec hash and the sources' content hashes, so re-ingesting
-unchanged inputs finds the existing folder: the caller checks
-``find_corpus(task, corpus_version(spec, fingerprint_sources(spec)))`` before parsing and
-calls ``mark_latest`` when it reuses one. Folders are written to a temporary name and
-renamed into place, so a crash never leaves a half-written version that looks complete.
+The version is a hash of the spec hash, the bad-row policy and the sources' content hashes,
+so re-ingesting unchanged inputs finds the existing folder: the caller checks
+``find_corpus(task, corpus_version(spec, fingerprint_sources(spec), policy))`` before parsing,
+then ``corpus_problem`` (a folder damaged since is rebuilt, not reused) and calls
+``mark_latest`` when it reuses one. Folders are written to a temporary name and renamed into
+place, so a crash never leaves a half-written version that looks complete.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
+from storage.integrity import parquet_problem
 from storage.settings import corpora_dir
 from tasc.data.ingest import IngestResult
-from tasc.data.spec import TaskSpec
+from tasc.data.spec import TaskSpec, bad_row_policy
 
 # Bump when the corpus columns or their meaning change, so old folders are not reused.
 LAYOUT_VERSION = 1
@@ -48,13 +50,16 @@ class CorpusNotFound(FileNotFoundError):
     """No stored corpus where one was expected; the message says which command makes one."""
 
 
-def corpus_version(spec: TaskSpec, fingerprints: dict[str, str]) -> str:
-    """A version id from the spec hash and the sources' fingerprints (path -> sha256)."""
-    blob = json.dumps(
-        {"layout": LAYOUT_VERSION, "spec": spec.hash(), "sources": sorted(fingerprints.items())},
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def corpus_version(spec: TaskSpec, fingerprints: dict[str, str], policy: str | None = None) -> str:
+    """A version id from the spec hash, the sources' fingerprints (path -> sha256) and the
+    bad-row policy (``policy``, else the spec's): ``skip`` and ``fail`` make different corpora."""
+    key = {"layout": LAYOUT_VERSION, "spec": spec.hash(), "sources": sorted(fingerprints.items())}
+    policy = bad_row_policy(spec, policy)
+    if policy != spec.on_bad_rows:
+        # The spec hash holds on_bad_rows already; only an override adds a key, so the
+        # versions of corpora ingested under the spec's own policy stay what they were.
+        key["policy"] = policy
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def task_dir(task: str) -> Path:
@@ -74,6 +79,18 @@ def find_corpus(task: str, version: str) -> Path | None:
     return path if _is_complete(path) else None
 
 
+def corpus_problem(path: str | Path) -> str | None:
+    """Why the stored corpus folder ``path`` cannot be reused: an unreadable manifest, or a
+    corpus or rejected file that is not whole or not of the manifest's row count; None if whole."""
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ValueError) as e:
+        return f"{path / MANIFEST_FILE} is unreadable ({e})"
+    return (parquet_problem(path / CORPUS_FILE, manifest.get("total"))
+            or parquet_problem(path / REJECTED_FILE, manifest.get("rejected")))
+
+
 def mark_latest(task: str, version: str) -> None:
     """Record ``version`` as the task's latest corpus (after writing or reusing it)."""
     pointer = task_dir(task) / LATEST_FILE
@@ -89,11 +106,12 @@ def _write_manifest(folder: Path, task: str, version: str, manifest: dict) -> No
     (folder / MANIFEST_FILE).write_text(text + "\n", encoding="utf-8")
 
 
-def write_corpus(task: str, version: str, result: IngestResult) -> Path:
+def write_corpus(task: str, version: str, result: IngestResult, replace: bool = False) -> Path:
     """Store an ingest result as ``<task>/<version>/`` atomically; returns the folder.
 
-    If a complete folder for this version already exists (written concurrently), it is kept
-    and the new copy discarded: same version means same inputs.
+    If a complete, whole folder for this version already exists (written concurrently), it is
+    kept and the new copy discarded: same version means same inputs. ``replace`` (a forced
+    rebuild) replaces it all the same.
     """
     parent = task_dir(task)
     parent.mkdir(parents=True, exist_ok=True)
@@ -103,8 +121,8 @@ def write_corpus(task: str, version: str, result: IngestResult) -> Path:
         result.corpus.to_parquet(tmp / CORPUS_FILE, index=False)
         result.rejected.to_parquet(tmp / REJECTED_FILE, index=False)
         _write_manifest(tmp, task, version, result.manifest)  # last: marks the folder complete
-        if final.exists() and not _is_complete(final):
-            shutil.rmtree(final)  # left by an older crash or a manual edit
+        if final.exists() and (replace or not _is_complete(final) or corpus_problem(final)):
+            shutil.rmtree(final)  # left by an older crash, damaged since, or rebuilt on request
         if not final.exists():
             os.rename(tmp, final)
     finally:

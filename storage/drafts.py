@@ -10,24 +10,17 @@ metadata, ``tasc.schema_version``, ``tasc.corpus_hash``, ``tasc.source`` and ``t
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.files import write_parquet_atomic
+from storage.files import model_key, write_parquet_atomic
+from storage.integrity import parquet_problem
 from storage.settings import drafts_dir, harvest_dir
 from tasc.decode.draft import DraftCorpus, DraftError
-
-
-def model_key(model: str) -> str:
-    """A file-name-safe key for a model name, folder or URI."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(str(model).rstrip("/")).name or str(model))[:48]
-    return f"{slug}-{hashlib.sha256(str(model).encode()).hexdigest()[:8]}"
 
 
 def draft_path(task: str, corpus_version: str, source: str, model: str | None = None) -> Path:
@@ -39,6 +32,15 @@ def harvest_path(task: str, corpus_version: str, model: str) -> Path:
     return harvest_dir() / task / corpus_version / f"{model_key(model)}.parquet"
 
 
+def harvest_is_current(path: str | Path, model: str) -> bool:
+    """The harvest at ``path`` was written after every file of the model folder ``model``
+    (one rewritten since, e.g. a TASC-ft round run again with other settings, is harvested
+    again); a model that is a name, not a folder, never changes."""
+    folder, written = Path(model), Path(path).stat().st_mtime_ns
+    files = [f for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else []
+    return all(f.stat().st_mtime_ns <= written for f in files)
+
+
 def write_draft(draft: DraftCorpus, path: str | Path) -> Path:
     meta = {
         b"tasc.schema_version": draft.schema_version.encode(),
@@ -48,6 +50,11 @@ def write_draft(draft: DraftCorpus, path: str | Path) -> Path:
     }
     table = pa.table({"text": pa.array(list(draft.texts), type=pa.string())}).replace_schema_metadata(meta)
     return write_parquet_atomic(table, Path(path))
+
+
+def draft_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a whole draft file (from its footer and schema only), or None."""
+    return parquet_problem(path, keys=(b"tasc.schema_version",), columns=("text",))
 
 
 def read_draft(path: str | Path) -> DraftCorpus:
@@ -75,6 +82,11 @@ def write_harvest(frame: pd.DataFrame, path: str | Path, meta: dict) -> Path:
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"tasc.meta": json.dumps(meta).encode()})
     return write_parquet_atomic(table, Path(path))
+
+
+def harvest_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a whole harvest file (from its footer and schema only), or None."""
+    return parquet_problem(path, keys=(b"tasc.meta",), columns=("prompt", "output"))
 
 
 def read_harvest(path: str | Path) -> pd.DataFrame:

@@ -1,9 +1,12 @@
 """Atomic file writes: a temporary file in the target folder, then a rename, so a killed
-process leaves the old file or the new one, never half of one."""
+process leaves the old file or the new one, never half of one. And the file-name key of a
+model, shared by the layouts that keep one file or folder per model."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -34,3 +37,10 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         fh.write(text)
     os.replace(tmp, path)
     return path
+
+
+def model_key(model: str) -> str:
+    """A file-name-safe key for a model name, folder or URI: a readable slug and a short hash
+    (two folders of the same name stay apart)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(str(model).rstrip("/")).name or str(model))[:48]
+    return f"{slug}-{hashlib.sha256(str(model).encode()).hexdigest()[:8]}"

@@ -10,11 +10,16 @@ under the same run::
     runs:/<run_id>/spec/<f>.yaml  only for a spec that is a file (shipped names travel as names)
     runs:/<run_id>/model/         the fine-tuned folder (the remote flow's output)
 
+On the remote worker, one folder per run under ``handoff/`` in the state folder::
+
+    <run_id>/input-model/ corpus/ spec/<f>.yaml   the downloaded inputs
+    <run_id>/finetune/                            the fine-tuning run (its checkpoints)
+
 The caller tags the run with a key of its inputs (``tasc.handoff_key``), so a re-run finds it
-again: a finished one is reused, an unfinished one is handed out again and the remote worker
-resumes from its checkpoints if its folder still exists. Downloads land in a temporary
-folder that is renamed into place, so a destination that exists is complete and is never
-fetched twice.
+again: a finished one is reused, an unfinished one is handed out again (reopened, see
+storage.tracking) and the remote worker resumes from its checkpoints if its folder still
+exists. Downloads land in a temporary folder that is renamed into place, so a destination
+that exists is complete and is never fetched twice.
 """
 
 from __future__ import annotations
@@ -99,6 +104,33 @@ def download(uri: str, dest: str | Path) -> Path:
     return dest
 
 
+def publish_inputs(run_id: str, spec: str, model_dir: str | Path, corpus_path: str | Path) -> dict:
+    """Log the model folder and the corpus folder (and a spec that is a file) to the run,
+    skipping what it already holds; returns the remote flow's parameters that name them
+    (``spec``, ``model_uri``, ``corpus_uri``)."""
+    for local, name in ((model_dir, INPUT_MODEL), (corpus_path, CORPUS)):
+        if not uploaded(run_id, local, name):
+            upload(run_id, local, name)
+    return {"spec": upload(run_id, spec, SPEC) if Path(spec).is_file() else spec,
+            "model_uri": run_uri(run_id, INPUT_MODEL), "corpus_uri": run_uri(run_id, CORPUS)}
+
+
+def fetch_inputs(spec: str, model_uri: str, corpus_uri: str, run_id: str) -> dict:
+    """Download what the caller published into this worker's folder of the run: the local
+    ``spec``, ``model`` and ``corpus``, and ``out_dir`` for the fine-tuning run (kept there,
+    so a run handed out again resumes)."""
+    folder = run_folder(run_id)
+    if is_uri(spec):
+        spec = str(download(spec, folder / SPEC / spec.rsplit("/", 1)[-1]))
+    return {"spec": spec, "model": str(download(model_uri, folder / INPUT_MODEL)),
+            "corpus": str(download(corpus_uri, folder / CORPUS)), "out_dir": str(folder / "finetune")}
+
+
+def fetch_output(run_id: str, dest: str | Path) -> Path:
+    """The run's fine-tuned model folder, downloaded as ``dest``."""
+    return download(run_uri(run_id, OUTPUT_MODEL), dest)
+
+
 def find_run(experiment: str, key: str) -> dict | None:
     """The newest run of ``experiment`` tagged with hand-off ``key``: run_id, status and
     whether its output model is there; None without one."""
@@ -112,14 +144,6 @@ def find_run(experiment: str, key: str) -> dict | None:
         return None
     info = runs[0].info
     return {"run_id": info.run_id, "status": info.status, "has_model": has_artifact(info.run_id, OUTPUT_MODEL)}
-
-
-def reopen(run_id: str, parent_run_id: str | None = None) -> None:
-    """Mark a run handed out again as running, nested under the current parent run."""
-    c = client()
-    c.update_run(run_id, status="RUNNING")
-    if parent_run_id:
-        c.set_tag(run_id, "mlflow.parentRunId", parent_run_id)
 
 
 def run_metrics(run_id: str) -> dict[str, float]:

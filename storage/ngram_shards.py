@@ -4,7 +4,10 @@ One Parquet file (zstd) per shard and level: columns ``n`` int16, ``count`` and
 ``doc_count`` int64, ``ids`` list<int32> (token ids, or at text level ids into the
 shard's pre-token vocabulary); schema metadata ``tasc.shard`` holds JSON ``{"level",
 "max_n", "documents", "tokens", "vocab" (text level: the pre-tokens in first-seen order)}``
-plus the caller's keys. Files are written to a temporary name and renamed.
+plus the caller's keys. Files are written to a temporary name and renamed. Layout under the
+state folder, every n-gram of each shard (no ``min_count``), one folder per sharding::
+
+    ngrams/<task>/<corpus_version>/<model_key>-n<max_n>-shards-<shards>/{text,token}-<shard:04d>.parquet
 """
 
 from __future__ import annotations
@@ -16,11 +19,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.files import write_parquet_atomic
+from storage.files import model_key, write_parquet_atomic
+from storage.settings import ngrams_dir
 from tasc.ngrams.counts import NgramCounts
 from tasc.ngrams.shards import ShardCounts
 
 META_KEY = b"tasc.shard"
+
+
+def shard_paths(task: str, corpus_version: str, model: str, max_n: int, shards: int, shard: int) -> dict[str, Path]:
+    """Where shard ``shard`` of ``shards`` keeps its ``text`` and ``token`` counts."""
+    folder = ngrams_dir() / task / corpus_version / f"{model_key(model)}-n{max_n}-shards-{shards}"
+    return {level: folder / f"{level}-{shard:04d}.parquet" for level in ("text", "token")}
 
 
 def write_shard(counts: ShardCounts, path: str | Path, meta: dict | None = None) -> Path:

@@ -10,6 +10,11 @@ Contract:
 * ``read_ngram_table`` returns exactly that JSON object, and raises ``NgramTableError``
   naming the file for anything that is not such a table (not Parquet, no tasc metadata,
   an unknown schema version, missing columns).
+
+Layout under the state folder, one folder per corpus version, tokenizer and settings (so a
+cached result never names a table that a run with other settings has since rewritten)::
+
+    ngrams/<task>/<corpus_version>/<model_key>-n<max_n>-c<min_count>/{text,token}.parquet
 """
 
 from __future__ import annotations
@@ -21,16 +26,26 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.files import model_key, write_parquet_atomic
+from storage.integrity import parquet_problem
+from storage.settings import ngrams_dir
 from tasc.ngrams.counts import META_KEY, TEXT_SCHEMA
 
 SCHEMA_VERSION = "1"
 VERSION_KEY = b"tasc.schema_version"
 TABLE_META_KEY = b"tasc.meta"
 REQUIRED_META = ("level", "max_n", "min_count")
+LEVELS = ("text", "token")
 
 
 class NgramTableError(ValueError):
     """A file that is not a readable n-gram table; the message names the file."""
+
+
+def table_paths(task: str, corpus_version: str, model: str, max_n: int, min_count: int) -> dict[str, Path]:
+    """Where the ``text`` and ``token`` tables of these settings live (see the layout above)."""
+    folder = ngrams_dir() / task / corpus_version / f"{model_key(model)}-n{max_n}-c{min_count}"
+    return {level: folder / f"{level}.parquet" for level in LEVELS}
 
 
 def write_ngram_table(table: pa.Table, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
@@ -52,9 +67,14 @@ def write_ngram_table(table: pa.Table, path: str | Path, meta: dict[str, Any] | 
     schema_meta = dict(table.schema.metadata or {})
     schema_meta[VERSION_KEY] = SCHEMA_VERSION.encode()
     schema_meta[TABLE_META_KEY] = json.dumps(merged, sort_keys=True).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.replace_schema_metadata(schema_meta), path, compression="zstd")
-    return path
+    # Atomic, so a killed run never leaves half a table behind under the final name.
+    return write_parquet_atomic(table.replace_schema_metadata(schema_meta), path)
+
+
+def table_problem(path: str | Path, rows: int | None = None) -> str | None:
+    """Why ``path`` is not a whole n-gram table (of ``rows`` rows, when given), from its footer
+    and schema only; None when it is."""
+    return parquet_problem(path, rows, keys=(VERSION_KEY, TABLE_META_KEY), columns=[f.name for f in TEXT_SCHEMA])
 
 
 def read_ngram_table(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:

@@ -1,17 +1,24 @@
 """The MLflow Model Registry: log the tasc pyfunc, register versions, move aliases.
 
 Promotion uses aliases only (``challenger``, ``champion``, ``previous``), never stages.
-Moving ``champion`` is one alias update made under a lock with a check-and-set re-read:
-if another run moved the champion since this run read it, this run does not overwrite it
-and records why on its version.
+Alias moves (promotion, rollback) hold a lease that lives in the tracking store itself, so
+they exclude each other across processes, state folders and machines that share the store
+(see :func:`_alias_lease`). Under it, the champion is read, the decision made, and the
+champion re-read right before the switch; if it moved anyway (an alias set by hand, which
+no lease covers) the decision is remade against the new champion. Promoting the version
+that already is champion changes nothing, so ``previous`` stays a real rollback target.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
+import os
+import random
+import socket
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,14 +26,25 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.protos.databricks_pb2 import (
+    RESOURCE_ALREADY_EXISTS,
+    RESOURCE_DOES_NOT_EXIST,
+    TEMPORARILY_UNAVAILABLE,
+    ErrorCode,
+)
 
-from storage.settings import state_dir
 from storage.tracking import client
 from tasc.eval.promotion import Decision, PromotionPolicy, Scorecard, decide
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCORE_TAG = "tasc.scorecard"
+LEASE_TTL_S = 120.0  # a lease older than this is taken to be left by a crashed holder
+LEASE_WAIT_S = 300.0  # longer than the TTL, so a stale lease is broken before giving up
+_LEASE_OWNER, _LEASE_EXPIRES = "tasc.lease.owner", "tasc.lease.expires"
+# Lease creation lost to another holder (exists), or raced with its release (gone), or the
+# store was briefly busy (SQLite "database is locked"): wait and try again.
+_BUSY = {ErrorCode.Name(c) for c in (RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE)}
 
 
 def registered_name(task: str) -> str:
@@ -43,14 +61,24 @@ def pip_requirements() -> list[str]:
     return pins
 
 
-def log_pyfunc(run_id: str, model_dir: str, draft_file: str, config: dict, example_prompts: list[str]) -> str:
-    """Log model + tokenizer + draft as one pyfunc (models-from-code) in ``run_id``; returns its URI."""
-    client()
+def pyfunc_signature(config: dict, example_prompts: list[str]):
+    """The pyfunc's signature: its output and params (with their defaults), no input schema."""
     signature = infer_signature(
         model_input=pd.DataFrame({"prompt": example_prompts[:2]}),
         model_output=["..."] * len(example_prompts[:2]),
         params={"max_new_tokens": int(config.get("max_new_tokens", 128)), "method": "tasc-spec", "temperature": 0.0},
     )
+    # No input schema: MLflow refuses a plain list of prompts against named columns and drops
+    # the optional chat columns (system, messages) outside an unnamed one; predict checks every
+    # row itself (storage/pyfunc_model.py). The params keep their schema.
+    signature.inputs = None
+    return signature
+
+
+def log_pyfunc(run_id: str, model_dir: str, draft_file: str, config: dict, example_prompts: list[str]) -> str:
+    """Log model + tokenizer + draft as one pyfunc (models-from-code) in ``run_id``; returns its URI."""
+    client()
+    signature = pyfunc_signature(config, example_prompts)
     with tempfile.TemporaryDirectory() as d:
         cfg = Path(d) / "config.json"
         cfg.write_text(json.dumps(config, indent=2))
@@ -93,54 +121,116 @@ def scorecard_of(task: str, version: str) -> Scorecard:
     return Scorecard(**json.loads(mv.tags[SCORE_TAG]))
 
 
+def lease_name(task: str) -> str:
+    return f"{registered_name(task)}.alias-lease"
+
+
 @contextlib.contextmanager
-def _alias_lock(task: str) -> Iterator[None]:
-    """Serialise alias moves between processes sharing this state folder (the check-and-set
-    re-read below also protects writers on other machines)."""
-    lock = state_dir() / "locks" / f"registry-{task}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+def _alias_lease(task: str, ttl: float = LEASE_TTL_S, wait: float = LEASE_WAIT_S) -> Iterator[None]:
+    """Hold the alias lease of ``task`` for the body: one holder at a time per tracking store.
+
+    The lease is a registered model named ``tasc-<task>.alias-lease``, created to take it and
+    deleted to give it back. Creating a registered model is atomic in MLflow's SQL stores
+    (the name is a unique key; a tracking server passes the create on to its store), so of
+    two creators exactly one succeeds, whatever machine or state folder they run from; the
+    other waits. It carries its holder and expiry as tags: a lease left by a crashed holder is
+    deleted once expired. Limits: a holder that keeps it past ``ttl`` can lose it (the body
+    here is a few alias reads and writes); two waiters that see the same stale lease at the
+    same instant can both delete it, one deleting the other's fresh lease; a file-based
+    store (``./mlruns``) does not create atomically.
+    """
+    c = client()
+    name = lease_name(task)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+    deadline, delay = time.monotonic() + wait, 0.05
+    while True:
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            c.create_registered_model(name, tags={_LEASE_OWNER: owner, _LEASE_EXPIRES: f"{time.time() + ttl:.3f}"},
+                                      description="tasc: held while the aliases of this task move")
+            break
+        except MlflowException as e:
+            if e.error_code not in _BUSY:
+                raise
+        _break_if_stale(name)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} is held by another promotion or rollback; waited {wait:.0f} s")
+        time.sleep(delay * (0.5 + random.random()))  # jitter: contenders do not retry in step
+        delay = min(delay * 2, 1.0)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):  # gone: broken as stale by another waiter
+            if client().get_registered_model(name).tags.get(_LEASE_OWNER) == owner:
+                client().delete_registered_model(name)
+
+
+def _break_if_stale(name: str) -> None:
+    """Delete the lease ``name`` if its expiry has passed (its holder is taken to be dead)."""
+    with contextlib.suppress(MlflowException, ValueError):  # released meanwhile, or a bad expiry tag
+        if float(client().get_registered_model(name).tags.get(_LEASE_EXPIRES, "inf")) < time.time():
+            client().delete_registered_model(name)
 
 
 def promote(task: str, version: str, policy: PromotionPolicy = PromotionPolicy()) -> Decision:
-    """Decide on ``version`` against the current champion and move the aliases if it wins."""
+    """Decide on ``version`` against the current champion and move the aliases if it wins.
+
+    Promoting the version that already is champion is a no-op (a retried promotion, or a
+    repeated command): the aliases stay, ``previous`` included, and the decision says so.
+    """
     c = client()
     name = registered_name(task)
     challenger = scorecard_of(task, version)
-    with _alias_lock(task):
+    with _alias_lease(task):
         seen = alias_version(task, "champion")
-        champion = scorecard_of(task, seen) if seen and seen != version else None
-        decision = decide(challenger, champion, policy)
-        if decision.promote:
-            # Check-and-set: the champion must still be the one the decision was made against.
+        if seen == version:
+            return _already_champion(task, version)
+        for _ in range(3):
+            champion = scorecard_of(task, seen) if seen else None
+            decision = decide(challenger, champion, policy)
+            if not decision.promote:
+                break
+            # Compare-and-set: switch only if the champion is still the one just judged against.
             now = alias_version(task, "champion")
-            if now != seen:
-                decision = Decision(False, f"champion moved from {seen} to {now} during the decision; not overwritten",
-                                    decision.speedup, decision.metric_delta)
-            else:
+            if now == seen:
                 if seen:
                     c.set_registered_model_alias(name, "previous", seen)
                 c.set_registered_model_alias(name, "champion", version)
+                break
+            seen = now
+            if seen == version:
+                return _already_champion(task, version)
+        else:
+            decision = Decision(False, f"champion kept moving (last seen {seen}) while deciding; not overwritten",
+                                decision.speedup, decision.metric_delta)
     for k, v in decision.to_tags().items():
         c.set_model_version_tag(name, version, k, v)
     c.set_model_version_tag(name, version, "tasc.promotion.against", str(seen))
     return decision
 
 
-def rollback(task: str) -> str:
-    """Make the ``previous`` version champion again; returns it."""
+def _already_champion(task: str, version: str) -> Decision:
+    """The no-op decision for a version that already is champion; its first decision's tags
+    stay (they hold the numbers it won on) unless it has none yet."""
     c = client()
     name = registered_name(task)
-    with _alias_lock(task):
+    prev = alias_version(task, "previous")
+    decision = Decision(True, f"version {version} already is champion; nothing changed (previous stays {prev})",
+                        None, None)
+    if "tasc.promotion.promote" not in c.get_model_version(name, version).tags:
+        for k, v in decision.to_tags().items():
+            c.set_model_version_tag(name, version, k, v)
+    return decision
+
+
+def rollback(task: str) -> str:
+    """Make the ``previous`` version champion again (and the champion ``previous``); returns it."""
+    c = client()
+    name = registered_name(task)
+    with _alias_lease(task):
         prev = alias_version(task, "previous")
-        if prev is None:
-            raise LookupError(f"{name} has no 'previous' version to roll back to")
         cur = alias_version(task, "champion")
+        if prev is None or prev == cur:
+            raise LookupError(f"{name} has no 'previous' version other than the champion to roll back to")
         c.set_registered_model_alias(name, "champion", prev)
         if cur:
             c.set_registered_model_alias(name, "previous", cur)

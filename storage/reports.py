@@ -1,4 +1,5 @@
-"""Benchmark reports on disk: JSON (stable keys), a Markdown table and a PNG chart."""
+"""Benchmark reports on disk: JSON (stable keys), a Markdown table and a PNG chart; and the
+summary as flat metrics for the tracking store."""
 
 from __future__ import annotations
 
@@ -27,3 +28,17 @@ def write_report(report: dict, out_dir: str | Path, json_path: str | Path | None
         Path(json_path).write_text(text)
         paths["user_json"] = Path(json_path)
     return {k: str(v) for k, v in paths.items()}
+
+
+BENCH_KEYS = ("chars_per_s", "tokens_per_s", "latency_ms_p50", "latency_ms_p95", "forward_passes", "acceptance_rate",
+              "mean_accepted_length", "metric", "identical_to_greedy", "tokens_per_completion", "propose_share")
+
+
+def flat_bench_metrics(summary: dict) -> dict:
+    """A benchmark summary as flat metric names, e.g. ``tasc-spec.chars_per_s``,
+    ``speedup.pld`` and ``verify_cost.V4`` (the tracking store makes method names such as
+    ``tasc-spec@max_len=24`` valid metric names)."""
+    out = {f"{method}.{key}": entry.get(key) for method, entry in summary["methods"].items() for key in BENCH_KEYS}
+    out.update({f"speedup.{method}": r for method, r in summary["speedup_vs_greedy"].items()})
+    out.update({f"verify_cost.{k}": v for k, v in summary.get("verify_cost", {}).items()})
+    return out

@@ -13,11 +13,16 @@ from pathlib import Path
 
 import typer
 
+from tasc.data.spec import BAD_ROW_POLICIES
+from tasc.models import DEFAULT_MODEL
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="tasc: make a small language model faster on one narrow task.")
 
-MODEL = typer.Option("smollm2-135m-instruct", "--model", "-m", help="short name, local folder or Hugging Face id")
+MODEL = typer.Option(DEFAULT_MODEL, "--model", "-m", help="short name, local folder or Hugging Face id")
 DTYPE = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 (auto: bf16 on CUDA or native-bf16 CPUs)")
+FORCE = typer.Option(False, "--force", help="rebuild this stage's outputs even when stored ones are current "
+                     "(damaged ones are rebuilt anyway)")
 
 
 def _setup() -> None:
@@ -30,14 +35,23 @@ def _echo_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
+def _check_policy(value: str | None) -> str | None:
+    # Checked while parsing, before the state folder or any stored corpus is looked at.
+    if value is not None and value not in BAD_ROW_POLICIES:
+        raise typer.BadParameter(f"{value!r} is not a bad-row policy; use one of {', '.join(BAD_ROW_POLICIES)}")
+    return value
+
+
 @app.command()
 def ingest(spec: str = typer.Argument(..., help="spec name or YAML path"),
-           policy: str | None = typer.Option(None, help="fail | skip (default: the spec's on_bad_rows)")):
+           policy: str | None = typer.Option(None, metavar="|".join(BAD_ROW_POLICIES), callback=_check_policy,
+                                             help="bad rows: fail or skip (default: the spec's on_bad_rows)"),
+           force: bool = FORCE):
     """Read the spec's sources into a versioned Parquet corpus (a no-op when nothing changed)."""
     _setup()
     from flows.stages import ingest_flow
 
-    corpus = ingest_flow(spec, policy)
+    corpus = ingest_flow(spec, policy, force=force)
     m = corpus["manifest"]
     typer.echo(f"corpus: {corpus['path']}\nrows: {m['rows']}  rejected: {m['rejected']}  "
                f"duplicates removed: {m.get('duplicates_removed', 0)}"
@@ -48,55 +62,58 @@ def ingest(spec: str = typer.Argument(..., help="spec name or YAML path"),
 
 @app.command()
 def ngrams(spec: str, model: str = MODEL, max_n: int = typer.Option(8, help="longest n-gram"),
-           min_count: int = typer.Option(2, help="drop rarer n-grams")):
+           min_count: int = typer.Option(2, help="drop rarer n-grams"), force: bool = FORCE):
     """Count completion n-grams (text level and token level) into Parquet tables."""
     _setup()
     from flows.stages import ngrams_flow
 
-    _echo_json(ngrams_flow(spec, model, max_n, min_count))
+    _echo_json(ngrams_flow(spec, model, max_n, min_count, force=force))
 
 
 @app.command()
 def harvest(spec: str, model: str = MODEL, limit: int | None = typer.Option(400, help="train prompts to run"),
-            dtype: str = DTYPE):
+            dtype: str = DTYPE, force: bool = FORCE):
     """Write the on-policy corpus: the model's own outputs for the train prompts."""
     _setup()
     from flows.stages import ingest_flow
     from tasks.draft import harvest_outputs
 
     corpus = ingest_flow(spec)
-    typer.echo(harvest_outputs(spec, corpus, model, limit, dtype))
+    typer.echo(harvest_outputs(spec, corpus, model, limit, dtype, force=force))
 
 
 @app.command()
 def draft(spec: str, model: str = MODEL,
           source: str = typer.Option("auto", help="references | on-policy | both | auto"),
-          harvest_limit: int | None = typer.Option(400, help="train prompts to harvest when on-policy is needed")):
-    """Build the text draft for TASC-spec."""
+          harvest_limit: int | None = typer.Option(400, help="train prompts to harvest when on-policy is needed"),
+          force: bool = FORCE):
+    """Build the text draft for TASC-spec (--force: harvest and build again)."""
     _setup()
     from flows.stages import draft_flow
 
     if source == "references":
         harvest_limit = 0
-    _echo_json(draft_flow(spec, model, source, harvest_limit))
+    _echo_json(draft_flow(spec, model, source, harvest_limit, force=force))
 
 
 @app.command()
 def bench(spec: str, model: str = MODEL,
           methods: str = typer.Option("greedy,pld,tasc-spec", help="comma-separated: greedy, pld, tasc-spec, "
-                                      "tasc-spec-ref, context-only, ft-only, tasc-ft, tasc-ft+spec"),
+                                      "tasc-spec-ref, context-only, ft-only, tasc-ft, tasc-ft+spec, llama.cpp, "
+                                      "llama.cpp-lookup"),
           limit: int | None = typer.Option(20, help="test prompts"), dtype: str = DTYPE,
           report: str | None = typer.Option(None, help="also write the JSON report here"),
           harvest_limit: int | None = typer.Option(400, help="train prompts for the on-policy draft"),
           ft_model: str | None = typer.Option(None, help="TASC-ft model folder (methods tasc-ft, tasc-ft+spec)"),
-          ft_only_model: str | None = typer.Option(None, help="fine-tune-only model folder (method ft-only)")):
+          ft_only_model: str | None = typer.Option(None, help="fine-tune-only model folder (method ft-only)"),
+          threads: int | None = typer.Option(None, help="CPU threads for every method (default: torch's)")):
     """Benchmark methods side by side (interleaved, one process) and print the table."""
     _setup()
     from flows.stages import bench_flow
 
     extra = {k: v for k, v in (("tasc-ft", ft_model), ("ft-only", ft_only_model)) if v}
     summary = bench_flow(spec, model, methods, limit, dtype, report, harvest_limit=harvest_limit,
-                         extra_models=extra or None)
+                         extra_models=extra or None, threads=threads)
     typer.echo(Path(summary["paths"]["markdown"]).read_text())
     typer.echo(f"report: {summary['paths']['json']}\nchart: {summary['paths']['chart']}")
 
@@ -251,13 +268,14 @@ def pipeline(spec: str = typer.Argument("snips"), model: str = MODEL,
 @app.command()
 def promote(task: str = typer.Argument(..., help="task name, e.g. snips"),
             version: str = typer.Argument(..., help="registered version to judge"),
-            min_speedup: float = typer.Option(1.05), max_metric_drop: float = typer.Option(0.01)):
+            min_speedup: float = typer.Option(1.05), max_metric_drop: float = typer.Option(0.01),
+            metric_floor: float = typer.Option(0.0, help="lowest metric a first champion needs (0: no floor)")):
     """Run the promotion rule on a registered version (moves 'champion' if it wins)."""
     _setup()
     from storage.registry import promote as run
     from tasc.eval.promotion import PromotionPolicy
 
-    d = run(task, version, PromotionPolicy(min_speedup, max_metric_drop))
+    d = run(task, version, PromotionPolicy(min_speedup, max_metric_drop, metric_floor))
     typer.echo(f"{'promoted' if d.promote else 'not promoted'}: {d.reason}")
 
 

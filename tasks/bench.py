@@ -14,13 +14,34 @@ from tasc.data.spec import load_spec
 from tasc.decode.draft import BoundDraft, check_compatible
 from tasc.decode.engine import DecodeConfig, measure_verify_cost
 from tasc.eval.harness import environment, run_benchmark, spread_sample
-from tasc.eval.methods import build_methods, verify_cost_summary
-from tasc.models import load_model
+from tasc.eval.methods import LLAMA_CPP_METHODS, base_method, build_methods, verify_cost_summary
+from tasc.models import gguf_file, load_model
 from tasks.policies import TRANSIENT
 
 
+def _llama_cpp(methods: list[str], model: str, draft_path: str | None, folder) -> dict | None:
+    """What the llama.cpp peers need: its tools, the model's GGUF file, the thread count and,
+    for lookup decoding, a static n-gram cache built from the main draft's texts."""
+    names = {base_method(m) for m in methods} & set(LLAMA_CPP_METHODS)
+    if not names:
+        return None
+    from tasc.eval.llamacpp import build_static_cache, find_binaries
+
+    gguf = gguf_file(model)
+    if gguf is None:
+        raise ValueError(f"the llama.cpp methods need a GGUF model; {model!r} is not one")
+    setup = {"bin_dir": find_binaries(), "gguf": gguf, "threads": torch.get_num_threads(), "static_cache": None}
+    if "llama.cpp-lookup" in names:
+        if draft_path is None:
+            raise ValueError("llama.cpp-lookup needs the task draft (build it with `tasc draft SPEC`)")
+        folder.mkdir(parents=True, exist_ok=True)
+        setup["static_cache"] = build_static_cache(setup["bin_dir"], gguf, read_draft(draft_path).texts,
+                                                   folder / "static-cache.bin")
+    return setup
+
+
 @task(name="benchmark", **TRANSIENT)
-def run_bench(spec_path: str, corpus: dict, model: str, methods: list[str], limit: int | None = 20,
+def run_bench(spec: str, corpus: dict, model: str, methods: list[str], limit: int | None = 20,
               dtype: str = "auto", drafts: dict[str, str] | None = None, report_json: str | None = None,
               threads: int | None = None, split: str = "test", extra_models: dict[str, str] | None = None) -> dict:
     """Benchmark ``methods`` for one model; returns the report's summary and file paths.
@@ -28,7 +49,7 @@ def run_bench(spec_path: str, corpus: dict, model: str, methods: list[str], limi
     log = get_run_logger()
     if threads:
         torch.set_num_threads(threads)
-    spec = load_spec(spec_path)
+    spec = load_spec(spec)
     rows = spread_sample(store.read_corpus(corpus["path"], split=split), limit)
     if rows.empty:
         raise ValueError(f"the {split} split of {spec.name} is empty; nothing to benchmark")
@@ -45,9 +66,10 @@ def run_bench(spec_path: str, corpus: dict, model: str, methods: list[str], limi
             bound["tasc-ft"] = BoundDraft.from_corpus(d, extra["tasc-ft"].tokenizer)
     cost = measure_verify_cost(lm.model)
     cfg = DecodeConfig(max_new_tokens=spec.generation.max_new_tokens, stop=spec.generation.stop)
-    made = build_methods(methods, lm, cfg, spec.system_prompt, spec.chat_template, bound, cost, extra)
+    peers = _llama_cpp(methods, model, (drafts or {}).get("main"), report_dir(spec.name, "llama.cpp"))
+    made = build_methods(methods, lm, cfg, spec.system_prompt, spec.chat_template, bound, cost, extra, peers)
     t0 = time.time()
-    report = run_benchmark(made, rows["prompt"].tolist(), rows.to_dict("records"), spec.metric,
+    report = run_benchmark(made, rows.to_dict("records"), spec.metric,
                            ids=rows["id"].tolist(), progress=lambda d, n: log.info("benchmark %d/%d", d, n))
     report.update(spec=spec.name, model=model, corpus_version=corpus["version"], split=split,
                   environment=environment(str(lm.dtype).replace("torch.", ""), lm.device, lm.kernels),

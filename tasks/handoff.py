@@ -4,13 +4,11 @@ fetches the inputs and fine-tunes (in its own process, or torchrun over its devi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import get_run_logger, task
 
 from storage import corpus as store
 from storage import handoff
-from storage.vocab_store import vocab_dir
+from storage.vocab_store import remote_model_dir
 from tasc.data.spec import load_spec
 from tasc.train.launch import launch, run_job, torchrun_command
 from tasks.policies import TRANSIENT
@@ -21,32 +19,14 @@ def find_handoff_run(experiment: str, key: str) -> dict | None:
     return handoff.find_run(experiment, key)
 
 
-@task(name="reopen-handoff-run", **TRANSIENT)
-def reopen_run(run_id: str, parent_run_id: str | None) -> None:
-    handoff.reopen(run_id, parent_run_id)
-
-
 @task(name="publish-finetune-inputs", **TRANSIENT)
 def publish_inputs(run_id: str, spec: str, model_dir: str, corpus_path: str) -> dict:
-    """Log the model folder and the corpus folder (and a spec that is a file) to the run,
-    skipping what it already holds; returns the remote flow's parameters that name them."""
-    for local, name in ((model_dir, handoff.INPUT_MODEL), (corpus_path, handoff.CORPUS)):
-        if not handoff.uploaded(run_id, local, name):
-            handoff.upload(run_id, local, name)
-    return {"spec": handoff.upload(run_id, spec, handoff.SPEC) if Path(spec).is_file() else spec,
-            "model_uri": handoff.run_uri(run_id, handoff.INPUT_MODEL),
-            "corpus_uri": handoff.run_uri(run_id, handoff.CORPUS)}
+    return handoff.publish_inputs(run_id, spec, model_dir, corpus_path)
 
 
 @task(name="fetch-finetune-inputs", **TRANSIENT)
 def fetch_inputs(spec: str, model_uri: str, corpus_uri: str, run_id: str) -> dict:
-    """Download what the caller published into this worker's folder of the run: the local
-    spec, model and corpus, and ``out_dir`` for the fine-tuning run (kept for resuming)."""
-    folder = handoff.run_folder(run_id)
-    if handoff.is_uri(spec):
-        spec = str(handoff.download(spec, folder / handoff.SPEC / spec.rsplit("/", 1)[-1]))
-    return {"spec": spec, "model": str(handoff.download(model_uri, folder / handoff.INPUT_MODEL)),
-            "corpus": str(handoff.download(corpus_uri, folder / handoff.CORPUS)), "out_dir": str(folder / "finetune")}
+    return handoff.fetch_inputs(spec, model_uri, corpus_uri, run_id)
 
 
 @task(name="finetune-job")
@@ -64,6 +44,5 @@ def finetune_job(spec: str, corpus_path: str, model_dir: str, out_dir: str, max_
 @task(name="fetch-finetuned-model", **TRANSIENT)
 def fetch_result(spec: str, corpus_version: str, run_id: str) -> dict:
     """The run's ``model`` artifact as a local folder under the state folder, and its metrics."""
-    dest = vocab_dir(load_spec(spec).name, corpus_version) / "finetune-remote" / run_id / "model"
-    local = handoff.download(handoff.run_uri(run_id, handoff.OUTPUT_MODEL), dest)
+    local = handoff.fetch_output(run_id, remote_model_dir(load_spec(spec).name, corpus_version, run_id))
     return {"model_dir": str(local), "metrics": handoff.run_metrics(run_id)}

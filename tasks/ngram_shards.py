@@ -8,8 +8,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from storage import corpus as store
-from storage.ngram_shards import read_shard, write_shard
-from storage.ngram_tables import write_ngram_table
+from storage.ngram_shards import read_shard, shard_paths, write_shard
+from storage.ngram_tables import table_paths, write_ngram_table
 from tasc.models import load_tokenizer
 from tasc.ngrams.shards import (
     count_text_shard,
@@ -18,7 +18,7 @@ from tasc.ngrams.shards import (
     merged_token_table,
     shard_bounds,
 )
-from tasks.corpus import NGRAM_CODE, shards_dir, tables_dir
+from tasks.corpus import NGRAM_CODE
 from tasks.policies import StepInputs, cached
 
 
@@ -29,10 +29,10 @@ def count_ngram_shard(corpus: dict, task_name: str, model: str, max_n: int, shar
     start, stop = shard_bounds(len(texts), shards)[shard]
     part = texts[start:stop]
     ids = load_tokenizer(model)(part, add_special_tokens=False)["input_ids"]
-    out = shards_dir(task_name, corpus["version"], model, max_n, shards)
+    out = shard_paths(task_name, corpus["version"], model, max_n, shards, shard)
     meta = {"corpus_version": corpus["version"], "model": model, "shard": shard, "shards": shards}
-    return {"text": str(write_shard(count_text_shard(part, max_n), out / f"text-{shard:04d}.parquet", meta)),
-            "token": str(write_shard(count_token_shard(ids, max_n), out / f"token-{shard:04d}.parquet", meta))}
+    return {"text": str(write_shard(count_text_shard(part, max_n), out["text"], meta)),
+            "token": str(write_shard(count_token_shard(ids, max_n), out["token"], meta))}
 
 
 @task(name="ngram-merge", **cached(StepInputs(modules=NGRAM_CODE)))
@@ -42,14 +42,14 @@ def merge_ngram_shards(corpus: dict, task_name: str, model: str, max_n: int, min
     tok = load_tokenizer(model)
     text = [read_shard(f["text"]) for f in shard_files]
     token = [read_shard(f["token"]) for f in shard_files]
-    out = tables_dir(task_name, corpus["version"], model, max_n, min_count)
+    out = table_paths(task_name, corpus["version"], model, max_n, min_count)
     meta = {"corpus_version": corpus["version"], "model": model}
     text_tab, tok_tab = merged_text_table(text, min_count, tok), merged_token_table(token, min_count, tok)
     get_run_logger().info("merged %d shards: %d text, %d token n-grams", len(shard_files), text_tab.num_rows,
                           tok_tab.num_rows)
     return {
-        "text": str(write_ngram_table(text_tab, out / "text.parquet", meta)),
-        "token": str(write_ngram_table(tok_tab, out / "token.parquet", meta)),
+        "text": str(write_ngram_table(text_tab, out["text"], meta)),
+        "token": str(write_ngram_table(tok_tab, out["token"], meta)),
         "rows": {"text": text_tab.num_rows, "token": tok_tab.num_rows},
         "corpus_tokens": int(sum(s.tokens for s in token)),
     }

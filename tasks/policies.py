@@ -10,8 +10,8 @@ result (a small dict of paths and numbers) under the state folder and are keyed 
 :class:`StepInputs`: the task's source, the source of the core modules it runs, and its
 inputs, where a corpus counts by its version, a local file or folder by the names, sizes
 and modification times of its files, and anything else by value. Ingest adds the sources'
-fingerprint, so changed data is re-read. Flows check that a cached result's files still
-exist before using it (flows/resume.py).
+fingerprint and the bad-row policy, so changed data is re-read. Flows check that a cached
+result's files still exist and are whole before using it (flows/resume.py).
 """
 
 from __future__ import annotations
@@ -135,15 +135,16 @@ class StepInputs(CachePolicy):
 
 @dataclass
 class IngestInputs(StepInputs):
-    """Ingest: also the corpus version, i.e. the spec's hash and its sources' sha256."""
+    """Ingest: also the corpus version, i.e. the spec's hash, the bad-row policy and its
+    sources' sha256."""
 
     def extra(self, inputs: dict[str, Any]) -> Any:
         from storage.corpus import corpus_version
         from tasc.data.ingest import fingerprint_sources
         from tasc.data.spec import load_spec
 
-        spec = load_spec(inputs["spec_path"])
-        return corpus_version(spec, fingerprint_sources(spec))
+        spec = load_spec(inputs["spec"])
+        return corpus_version(spec, fingerprint_sources(spec), inputs.get("policy"))
 
 
 @dataclass
@@ -156,7 +157,7 @@ class DraftInputs(StepInputs):
         from storage.drafts import harvest_path
         from tasc.data.spec import load_spec
 
-        path = harvest_path(load_spec(inputs["spec_path"]).name, inputs["corpus"]["version"], inputs["model"])
+        path = harvest_path(load_spec(inputs["spec"]).name, inputs["corpus"]["version"], inputs["model"])
         return identity(str(path)) if path.exists() else None
 
 

@@ -13,10 +13,10 @@ from tasks.policies import TRANSIENT
 
 
 @task(name="register-model", **TRANSIENT)
-def register_model(spec_path: str, run_id: str, model: str, draft_file: str, bench: dict, corpus: dict,
+def register_model(spec: str, run_id: str, model: str, draft_file: str, bench: dict, corpus: dict,
                    method: str = "tasc-spec", dtype: str = "auto") -> str:
     """Log the pyfunc (model + tokenizer + draft) and register it as the new challenger."""
-    spec = load_spec(spec_path)
+    spec = load_spec(spec)
     entry = bench["methods"][method]
     card = Scorecard(chars_per_s=entry["chars_per_s"], metric=entry["metric"] or 0.0,
                      corpus_version=corpus["version"],
@@ -32,9 +32,9 @@ def register_model(spec_path: str, run_id: str, model: str, draft_file: str, ben
 
 
 @task(name="promote", **TRANSIENT)
-def promote_model(spec_path: str, version: str, min_speedup: float = 1.05, max_metric_drop: float = 0.01,
+def promote_model(spec: str, version: str, min_speedup: float = 1.05, max_metric_drop: float = 0.01,
                   metric_floor: float = 0.0) -> dict:
-    spec = load_spec(spec_path)
+    spec = load_spec(spec)
     d = registry.promote(spec.name, version, PromotionPolicy(min_speedup, max_metric_drop, metric_floor))
     get_run_logger().info("version %s: %s (%s)", version, "promoted to champion" if d.promote else "not promoted",
                           d.reason)

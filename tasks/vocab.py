@@ -1,13 +1,11 @@
 """TASC-ft vocabulary rounds as tasks: the base measure, one task per round, the ft-only baseline.
 
 Models travel between tasks as folders (the previous round's ``model/``), never pickled.
-A round folder records the inputs it was made from (``origin.json``); a rerun with the same
-inputs returns a finished round as it is and resumes an interrupted one from its newest
-fine-tuning checkpoint, while other inputs start the round afresh."""
+A round folder records the inputs it was made from (storage/vocab_store.py); a rerun with
+the same inputs returns a finished round as it is and resumes an interrupted one from its
+newest fine-tuning checkpoint, while other inputs start the round afresh."""
 
 from __future__ import annotations
-
-import shutil
 
 from prefect import get_run_logger, task
 
@@ -37,9 +35,9 @@ def _metric(spec, lm, val, eval_prompts: int):
 
 
 @task(name="vocab-baseline", **TRANSIENT)
-def vocab_baseline(spec_path: str, corpus: dict, model: str, eval_prompts: int = 8, dtype: str = "float32") -> dict:
+def vocab_baseline(spec: str, corpus: dict, model: str, eval_prompts: int = 8, dtype: str = "float32") -> dict:
     """Round 0: validation tokens and loss with the base model and, with eval_prompts > 0, the task metric."""
-    spec, val, lm = load_spec(spec_path), _split(corpus, "validation"), load_model(model, dtype=dtype)
+    spec, val, lm = load_spec(spec), _split(corpus, "validation"), load_model(model, dtype=dtype)
     tokens = count_output_tokens(lm.tokenizer, val["completion"].tolist())
     loss = validation_loss(lm.model, lm.tokenizer, val, spec.chat_template, spec.system_prompt)
     metric = _metric(spec, lm, val, eval_prompts) if eval_prompts > 0 else None
@@ -48,47 +46,26 @@ def vocab_baseline(spec_path: str, corpus: dict, model: str, eval_prompts: int =
             "model_dir": model}
 
 
-def _claim(out, origin: str) -> dict | None:
-    """The finished round in ``out`` made from ``origin``, if any; else prepare ``out`` for a
-    run from ``origin``: keep it (its checkpoints) when it was started from the same inputs,
-    empty it otherwise."""
-    done = out / "round.json"
-    if done.exists() and (s := vocab_store.read_json(done)).get("origin") == origin and (out / "model").is_dir():
-        return s
-    _prepare(out, origin)
-    return None
-
-
-def _prepare(out, origin: str) -> None:
-    """Keep ``out`` (its checkpoints) when it was started from ``origin``, else empty it."""
-    mark = out / "origin.json"
-    if not mark.exists() or vocab_store.read_json(mark).get("origin") != origin:
-        shutil.rmtree(out, ignore_errors=True)
-    vocab_store.write_json({"origin": origin}, mark)
-
-
 @task(name="vocab-round", **TRANSIENT)
-def vocab_round(spec_path: str, corpus: dict, base_model: str, current_model: str, index: int, settings: dict,
+def vocab_round(spec: str, corpus: dict, base_model: str, current_model: str, index: int, settings: dict,
                 eval_prompts: int = 8, dtype: str = "float32") -> dict:
     """Round ``index``: expand the current model's vocabulary (and fine-tune), save and measure."""
-    spec, train, val = load_spec(spec_path), _split(corpus, "train"), _split(corpus, "validation")
+    spec, train, val = load_spec(spec), _split(corpus, "train"), _split(corpus, "validation")
     out = vocab_store.round_dir(spec.name, corpus["version"], index)
     origin = fingerprint([corpus["version"], base_model, current_model, index, settings, eval_prompts, dtype])
-    if (done := _claim(out, origin)) is not None:
+    if (done := vocab_store.finished_round(out, origin)) is not None:
         get_run_logger().info("round %d: finished before with the same inputs, reused", index)
         return done
+    vocab_store.claim(out, origin)
     try:
         res = _run_round(spec, train, val, base_model, current_model, settings, out, dtype)
     except ResumeError:  # checkpoints of an incompatible run: train from scratch
-        shutil.rmtree(out / "finetune", ignore_errors=True)
+        vocab_store.drop_checkpoints(out)
         res = _run_round(spec, train, val, base_model, current_model, settings, out, dtype)
     res.metric = _metric(spec, res, val, eval_prompts) if eval_prompts > 0 else None  # res has model, tokenizer
     summary = res.summary() | {"round": index, "tokens": int(count_output_tokens(res.tokenizer,
                                val["completion"].tolist()).sum()), "settings": settings, "origin": origin}
-    summary["selection"] = str(vocab_store.write_selection(res.selection.table, out / "selection.parquet", index,
-                                                          {"task": spec.name, "base_model": base_model}))
-    summary["round_json"] = str(out / "round.json")
-    vocab_store.write_json(summary, out / "round.json")  # last: it marks the round finished
+    summary = vocab_store.save_round(out, summary, res.selection.table, {"task": spec.name, "base_model": base_model})
     get_run_logger().info("round %d: +%d tokens, reduction %.3f", index, res.added_tokens, res.token_reduction)
     return summary
 
@@ -100,14 +77,14 @@ def _run_round(spec, train, val, base_model: str, current_model: str, settings: 
 
 
 @task(name="vocab-ft-only", **TRANSIENT)
-def ft_only_baseline(spec_path: str, corpus: dict, model: str, settings: dict, dtype: str = "float32") -> dict:
+def ft_only_baseline(spec: str, corpus: dict, model: str, settings: dict, dtype: str = "float32") -> dict:
     """The fine-tune-only baseline at the rounds' training budget (one round's steps)."""
-    spec, train, val = load_spec(spec_path), _split(corpus, "train"), _split(corpus, "validation")
+    spec, train, val = load_spec(spec), _split(corpus, "train"), _split(corpus, "validation")
     config = make_config(**settings).finetune
     if config is None:
         raise ValueError("ft-only needs fine-tuning; it is the baseline of fine-tuned rounds")
     lm = load_model(model, dtype=dtype)
     out = vocab_store.ft_only_dir(spec.name, corpus["version"])
     # Only what changes its training: rounds with other selection settings share one baseline.
-    _prepare(out, fingerprint([corpus["version"], model, config.hash(), dtype]))
+    vocab_store.claim(out, fingerprint([corpus["version"], model, config.hash(), dtype]))
     return finetune_only(lm.model, lm.tokenizer, train, val, config, out, spec.chat_template, spec.system_prompt)

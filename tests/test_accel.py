@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tasc.accel import argmax_head, packed
+from tasc.accel.backend import Backend
 from tasc.decode import engine
 from tasc.decode.draft import BoundDraft, build_draft_corpus
 from tasc.decode.engine import DecodeConfig
@@ -125,13 +126,14 @@ def test_argmax_head_follows_a_changed_weight():
 
 def test_greedy_decoding_with_the_argmax_head_is_unchanged(models):
     _, fast = models
-    assert fast.model._tasc_argmax_head is not None
+    head = fast.backend.head
+    assert head is not None
     cfg = DecodeConfig(max_new_tokens=30)
-    with_head = engine.generate(fast.model, fast.tokenizer, PROMPTS, method="greedy", config=cfg)
-    head, fast.model._tasc_argmax_head = fast.model._tasc_argmax_head, None
-    try:
-        without = engine.generate(fast.model, fast.tokenizer, PROMPTS, method="greedy", config=cfg)
-    finally:
-        fast.model._tasc_argmax_head = head
+    rows = head.rows
+    with_head = engine.generate(fast.backend, fast.tokenizer, PROMPTS, method="greedy", config=cfg)
+    assert head.rows > rows  # the head did the work
+    rows = head.rows
+    no_head = Backend(fast.model, lean=fast.backend.lean)
+    without = engine.generate(no_head, fast.tokenizer, PROMPTS, method="greedy", config=cfg)
     assert [o.token_ids for o in with_head] == [o.token_ids for o in without]
-    assert head.rows > 0  # the head did the work
+    assert head.rows == rows

@@ -19,9 +19,10 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
+from tasc.data.prompts import encode_prompts
 from tasc.decode.batch_engine import decode_batch, generate_batch
 from tasc.decode.draft import SEP, BoundDraft, build_draft_corpus
-from tasc.decode.engine import DecodeConfig, decode, encode_prompts
+from tasc.decode.engine import DecodeConfig, decode
 from tasc.decode.proposer import Proposer
 
 PROMPTS = [

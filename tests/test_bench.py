@@ -32,9 +32,9 @@ def report(tiny_model_dir):
         draft = BoundDraft.from_corpus(build_draft_corpus(on_policy=on_policy), lm.tokenizer)
         cost = np.concatenate([[0.0], 1.0 + 0.01 * np.arange(17)])
         methods = build_methods(NAMES, lm, cfg, None, True, {"main": draft}, cost)
-        rows = [{"completion": t} for t in on_policy]
+        rows = [{"prompt": p, "completion": t} for p, t in zip(PROMPTS, on_policy, strict=True)]
         calls = []
-        rep = run_benchmark(methods, PROMPTS, rows, "chrf", ids=["a", "b", "c"], warmup=1,
+        rep = run_benchmark(methods, rows, "chrf", ids=["a", "b", "c"], warmup=1,
                             progress=lambda i, n: calls.append((i, n)))
     finally:
         torch.set_num_threads(threads)
@@ -114,3 +114,16 @@ def test_method_options_set_proposer_fields():
     assert base == "tasc-spec" and pc.context_prior == 0.1 and pc.max_len == 24 and pc.use_corpus is False
     with pytest.raises(ValueError, match="not field=value"):
         _method_options("tasc-spec@no_such=1")
+
+
+def test_method_name_rules():
+    from tasc.eval.methods import base_method, needs_draft, needs_ft_draft, parse_methods, registered_method
+
+    assert parse_methods(" greedy, pld,,tasc-spec@max_len=24 ") == ["greedy", "pld", "tasc-spec@max_len=24"]
+    assert base_method("tasc-ft+spec@max_len=24") == "tasc-ft+spec"
+    drafted = {m for m in ("greedy", "pld", "context-only", "ft-only", "tasc-ft", "tasc-spec", "tasc-spec-ref",
+                           "tasc-ft+spec", "tasc-spec@max_len=24", "tasc-ft+spec@max_len=24") if needs_draft(m)}
+    assert drafted == {"tasc-spec", "tasc-spec-ref", "tasc-ft+spec", "tasc-spec@max_len=24", "tasc-ft+spec@max_len=24"}
+    assert [m for m in ("tasc-spec", "tasc-ft", "tasc-ft+spec", "tasc-ft+spec@max_len=24") if needs_ft_draft(m)] == [
+        "tasc-ft+spec", "tasc-ft+spec@max_len=24"]
+    assert (registered_method(False), registered_method(True)) == ("tasc-spec", "tasc-ft+spec")

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from tasc.cli import app
@@ -18,6 +19,7 @@ def test_help_lists_the_commands():
         assert cmd in res.output
 
 
+@pytest.mark.slow  # starts its own Prefect API server: 6 s idle, a minute on a busy machine
 def test_ingest_command_reports_rows():
     # A real process, as a user runs it (its own ephemeral Prefect API, the session's state folder).
     res = subprocess.run([TASC, "ingest", "prompt-completion"], capture_output=True, text=True, timeout=300)

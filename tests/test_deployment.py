@@ -49,6 +49,7 @@ SERVE_REMOTE = ("from prefect import serve; from flows.finetune_remote import fi
                 "serve(finetune_remote.to_deployment(name='gpu'))")
 
 
+@pytest.mark.slow
 def test_triggered_deployment_hands_off_finetuning_and_registers_a_model(tmp_path, tiny_model_dir, state_home):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"

@@ -25,6 +25,7 @@ def _losses(run_dir: Path) -> list[float]:
     return [h["loss"] for h in state["history"]]
 
 
+@pytest.mark.slow  # torchrun with two processes, and one more
 def test_two_ranks_match_one_process_at_twice_the_batch(tiny_model_dir, tmp_path):
     from storage.corpus import read_corpus
     from tasc.data.ingest import ingest

@@ -363,9 +363,10 @@ def test_other_corpus_hash_fails_with_fix(tmp_path):
 
 
 def test_compiled_walk_matches_the_numpy_reference():
-    from tasc.decode.draft import _draft_kernels, walk_continuations_numpy
+    from tasc.accel import draft_kernels
+    from tasc.decode.draft import walk_continuations_numpy
 
-    if _draft_kernels() is None:
+    if draft_kernels.library() is None:
         pytest.skip("no C compiler here: walk_continuations is the numpy reference itself")
     rng = np.random.default_rng(1)
     cases = [np.empty((0, 5), dtype=np.int64), np.array([[SEP, 1]], dtype=np.int64), np.array([[4, 5, 6]] * 3)]
@@ -384,10 +385,11 @@ def test_compiled_walk_matches_the_numpy_reference():
 
 
 def test_compiled_lookups_match_the_numpy_references(monkeypatch):
-    from tasc.decode.draft import _draft_kernels, context_continuations
+    from tasc.accel import draft_kernels
+    from tasc.decode.draft import context_continuations
     from tasc.decode.proposer import Proposer
 
-    if _draft_kernels() is None:
+    if draft_kernels.library() is None:
         pytest.skip("no C compiler here: the numpy references run")
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, 6, size=5000).astype(np.int32)  # 6 ids: many hits, thinned to max_rows
@@ -400,7 +402,7 @@ def test_compiled_lookups_match_the_numpy_references(monkeypatch):
         assert n == ref_n and np.array_equal(rows, ref_rows)
         compiled = Proposer(None)
         compiled.propose(ctx)  # the fused kernel records the match length
-        monkeypatch.setattr("tasc.decode.proposer._draft_kernels", lambda: None)
+        monkeypatch.setattr("tasc.accel.draft_kernels.library", lambda: None)
         python = Proposer(None)
         _, got, got_n = python._context_rows(ctx)
         want, want_n = context_continuations(ctx, 16)
@@ -408,3 +410,27 @@ def test_compiled_lookups_match_the_numpy_references(monkeypatch):
         monkeypatch.undo()
     hits, _ = draft.continuations(np.array([1, 2], dtype=np.int64), 12)
     assert len(hits) == 16  # many occurrences: thinned to an even spread
+
+
+def test_bound_draft_propose_compiled_equals_the_numpy_path(monkeypatch):
+    """The fused lookup and walk of the compiled path and the path without a C compiler
+    (numpy lookup, numpy walk) give the same drafts bitwise, with a scratch reused or not."""
+    from tasc.accel import draft_kernels
+
+    if draft_kernels.library() is None:
+        pytest.skip("no C compiler here: the numpy path is the only one")
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 6, size=4000).astype(np.int32)
+    tokens[rng.random(4000) < 0.05] = SEP
+    draft = BoundDraft(tokens, max_rows=32)
+    contexts = [rng.integers(0, 6, size=int(rng.integers(1, 30))).astype(np.int64) for _ in range(200)]
+    scratch = draft_kernels.Scratch(12)
+    compiled = [draft.propose(ctx, 12, prior=0.7, scratch=scratch) for ctx in contexts]
+    assert draft.propose(contexts[0], 12, prior=0.7)[0].tolist() == compiled[0][0].tolist()  # own scratch
+    monkeypatch.setattr("tasc.accel.draft_kernels.library", lambda: None)
+    drafted = 0
+    for ctx, (toks, probs) in zip(contexts, compiled, strict=True):
+        ref_toks, ref_probs = draft.propose(ctx, 12, prior=0.7)
+        assert toks.tolist() == ref_toks.tolist() and np.array_equal(probs, ref_probs)
+        drafted += len(toks)
+    assert drafted > 0

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from tasc.data.prompts import encode_prompts, render_prompt
 from tasc.decode import engine
 from tasc.decode.draft import SEP, BoundDraft, build_draft_corpus
-from tasc.decode.engine import DecodeConfig, decode, encode_prompts, measure_verify_cost, verify_draft
+from tasc.decode.engine import DecodeConfig, decode, measure_verify_cost, verify_draft
 from tasc.decode.proposer import Proposer
+from tasc.models import load_model
 
 PROMPTS = [
     "What is the weather in Paris?",
@@ -66,7 +68,7 @@ def _hf_greedy(lm, ids: list[int], max_new: int, eos) -> list[int]:
 
 def test_greedy_equals_transformers_generate(lm, greedy):
     ids = encode_prompts(lm.tokenizer, PROMPTS[:4], None, True)
-    rendered = engine.render_prompt(lm.tokenizer, PROMPTS[0])
+    rendered = render_prompt(lm.tokenizer, PROMPTS[0])
     assert rendered.startswith("<|im_start|>user\n") and rendered.endswith("<|im_start|>assistant\n")
     assert ids[0] == lm.tokenizer(rendered, add_special_tokens=False)["input_ids"]
     for p_ids, out in zip(ids, greedy[:4], strict=True):
@@ -155,8 +157,6 @@ def test_stop_strings(lm, greedy, on_policy_draft):
 def test_eos_inside_accepted_draft(tiny_model_dir, lm, greedy):
     """A second EOS id (as models with several end tokens have): outputs end right before it,
     also when it sits in the middle of an accepted draft run."""
-    from tasc.models import load_model
-
     counts = Counter(t for o in greedy[: len(PROMPTS)] for t in o.token_ids[2:])
     stop_tok = counts.most_common(1)[0][0]
     eos_lm = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
@@ -242,3 +242,26 @@ def test_measure_verify_cost(lm):
     assert cost[0] == 0.0 and cost[1] == 1.0
     assert np.all(np.diff(cost) >= 0)
     assert np.all(np.isfinite(cost))
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_1"])
+def test_spec_is_token_identical_to_greedy_on_quantised_weights(tiny_model_dir, dtype):
+    """The default CPU path: quantised linears and head, row-wise attention, the fused step. The
+    head's rows are then made near copies of each other, so greedy meets near ties at every step
+    (and the weights changed in place are quantised again): still the same tokens."""
+    qlm = load_model(str(tiny_model_dir), dtype=dtype, device="cpu", kernels="auto")
+    assert qlm.weights == dtype and "quant" in qlm.kernels
+    cfg = DecodeConfig(max_new_tokens=MAX_NEW)
+    for near_ties in (False, True):
+        if near_ties:
+            head = qlm.model.get_output_embeddings().weight
+            with torch.no_grad():
+                rng = torch.Generator().manual_seed(0)
+                top = head[:200].clone()
+                head[200:400] = top + 1e-4 * torch.randn(top.shape, generator=rng)
+        base = engine.generate(qlm.backend, qlm.tokenizer, PROMPTS, method="greedy", config=cfg)
+        draft = BoundDraft.from_corpus(build_draft_corpus(on_policy=[o.text for o in base], corpus_hash="t"),
+                                       qlm.tokenizer)
+        spec = engine.generate(qlm.backend, qlm.tokenizer, PROMPTS, draft=draft, method="tasc-spec", config=cfg)
+        assert [s.token_ids for s in spec] == [g.token_ids for g in base]
+        assert sum(o.stats.accepted for o in spec) > 0

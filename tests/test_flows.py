@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# Every test here shares one end-to-end pipeline run (the session fixture ``pipeline_result``).
+pytestmark = pytest.mark.slow
+
 
 def test_pipeline_writes_corpus_tables_draft_and_report(pipeline_result):
     out = pipeline_result

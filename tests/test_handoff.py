@@ -49,7 +49,7 @@ def test_folder_and_file_round_trip(tmp_path):
 
 def test_runs_are_found_again_by_their_key(tmp_path):
     from storage import handoff
-    from storage.tracking import client, experiment_id
+    from storage.tracking import client, experiment_id, reopen_run
 
     c = client()
     assert handoff.find_run("tasc-handoff-test", "no-such-key") is None
@@ -57,7 +57,7 @@ def test_runs_are_found_again_by_their_key(tmp_path):
     c.set_terminated(rid, "FAILED")
     assert handoff.find_run("tasc-handoff-test", "k-1") == {"run_id": rid, "status": "FAILED", "has_model": False}
     parent = c.create_run(experiment_id("tasc-handoff-test")).info.run_id
-    handoff.reopen(rid, parent)
+    reopen_run(rid, parent)
     (tmp_path / "final").mkdir()
     (tmp_path / "final" / "config.json").write_text("{}")
     handoff.upload(rid, tmp_path / "final", handoff.OUTPUT_MODEL)
@@ -79,6 +79,7 @@ def corpus(tmp_path_factory) -> dict:
     return {"path": str(write_corpus(spec.name, version, ingest(spec))), "version": version}
 
 
+@pytest.mark.slow  # Prefect deployments and waits on a flow run
 def test_pipeline_side_fails_naming_the_deployment_and_the_flow_run(prefect_harness, tiny_model_dir, corpus,
                                                                     monkeypatch):
     from flows.finetune_remote import RemoteFinetuneError, finetune_on_deployment, finetune_remote

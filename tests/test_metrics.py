@@ -160,6 +160,51 @@ def test_mbpp_fenced_prediction_and_failures(mbpp_rows):
     assert mbpp_pass("def oops(:\n", row["test_list"]) == 0.0
 
 
+ADD_TESTS = ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]
+WRONG_ADD = "def add(a, b):\n    return a - b\n"
+RIGHT_ADD = "def add(a, b):\n    return a + b\n"
+EARLY_EXITS = {
+    "sys.exit": "import sys\nsys.exit(0)\n",
+    "exit": "exit()\n",
+    "quit": "quit()\n",
+    "os._exit": "import os\nos._exit(0)\n",
+    "main guard": "import sys\ndef main():\n    return 0\nif __name__ == '__main__':\n    sys.exit(main())\n",
+    "unittest guard": "import unittest\nclass T(unittest.TestCase):\n    def test_ok(self):\n        pass\n"
+    "if __name__ == '__main__':\n    unittest.main()\n",
+    "unittest": "import unittest\nclass T(unittest.TestCase):\n    def test_ok(self):\n        pass\n"
+    "unittest.main()\n",
+    "atexit": "import atexit, os\natexit.register(lambda: os._exit(0))\n",
+    "rebound exec": "import builtins\nbuiltins.exec = lambda *a, **k: None\n",
+}
+
+
+@pytest.mark.parametrize("cheat", list(EARLY_EXITS))
+def test_mbpp_wrong_code_that_exits_early_fails(cheat):
+    assert mbpp_pass(WRONG_ADD + EARLY_EXITS[cheat], ADD_TESTS) == 0.0
+
+
+def test_mbpp_correct_code_passes_and_its_main_block_is_skipped():
+    assert mbpp_pass(RIGHT_ADD, ADD_TESTS) == 1.0
+    for cheat in ("main guard", "unittest guard"):
+        assert mbpp_pass(RIGHT_ADD + EARLY_EXITS[cheat], ADD_TESTS) == 1.0
+    # A demo under the guard that would fail (or wait for input) does not run either.
+    assert mbpp_pass(RIGHT_ADD + "if __name__ == '__main__':\n    input()\n    raise SystemExit(1)\n",
+                     ADD_TESTS) == 1.0
+    # A lingering thread does not hold a finished run until its timeout.
+    lingering = "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\n"
+    assert mbpp_pass(lingering + RIGHT_ADD, ADD_TESTS, timeout=5) == 1.0
+
+
+def test_sandbox_ok_needs_the_program_to_reach_its_end():
+    res = run_sandboxed("print('started')\nimport sys\nsys.exit(0)\n", timeout=5)
+    assert res.returncode == 0 and res.stdout == "started\n"
+    assert not res.completed and not res.ok
+    res = run_sandboxed("print('done')\n", timeout=5)
+    assert res.completed and res.ok
+    res = run_sandboxed("import os\nopen('_done', 'w').write('0' * 32)\nos._exit(0)\n", timeout=5)
+    assert not res.completed and not res.ok  # the token is not guessable in advance
+
+
 def test_score_many_mbpp_in_order(mbpp_rows):
     rows = [
         {"completion": r["code"], "tests": np.array(r["test_list"], dtype=object), "test_setup": ""}

@@ -28,3 +28,11 @@ def test_too_slow_or_worse_loses():
 def test_decision_tags():
     tags = decide(Scorecard(120.0, 0.5), Scorecard(100.0, 0.5), P).to_tags()
     assert tags["tasc.promotion.promote"] == "True"
+
+
+def test_first_version_floor_is_inclusive_and_no_floor_is_reported():
+    assert decide(Scorecard(100.0, 0.2), None, P).promote  # at the floor is not below it
+    d = decide(Scorecard(100.0, 0.0), None, PromotionPolicy())
+    assert d.promote and "no metric floor is set (metric_floor=0)" in d.reason
+    d = decide(Scorecard(100.0, 0.0), None, PromotionPolicy(metric_floor=0.05))
+    assert not d.promote and "below the floor 0.0500" in d.reason

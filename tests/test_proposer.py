@@ -81,7 +81,7 @@ def test_one_token_context_match_drafts_unless_switched_off(kernels, monkeypatch
     """After the first token of a copied span only that token matches the prompt: the default
     drafts from it; context_min_n=2 (transformers-style two-token minimum) does not."""
     if kernels == "python":
-        monkeypatch.setattr("tasc.decode.proposer._draft_kernels", lambda: None)
+        monkeypatch.setattr("tasc.accel.draft_kernels.library", lambda: None)
     ctx = np.array([3, 41, 42, 43, 44, 9, 8, 41], dtype=np.int64)  # 41 occurs once before the end
     toks, _ = Proposer(None, ProposerConfig(min_prob=0.0)).propose(ctx)
     assert toks.tolist()[:3] == [42, 43, 44]
@@ -94,7 +94,7 @@ def test_context_proposals_follow_the_growing_context(kernels, monkeypatch):
     ``context_continuations`` of the context so far (the prompt-lookup reference), with the
     compiled scan and with the incremental index used where no C compiler is available."""
     if kernels == "python":
-        monkeypatch.setattr("tasc.decode.proposer._draft_kernels", lambda: None)
+        monkeypatch.setattr("tasc.accel.draft_kernels.library", lambda: None)
     rng = np.random.default_rng(5)
     cfg = ProposerConfig(max_len=8, min_prob=0.0, use_corpus=False, context_span=False)
     # Random stretches, then a periodic one (more than 16 earlier occurrences of each suffix).
@@ -197,7 +197,7 @@ def test_folded_context_match_drafts_a_word_copied_without_its_space(tiny_tokeni
     from tasc.decode.draft import DraftCorpus, space_fold_keys
 
     if not compiled:
-        monkeypatch.setattr("tasc.decode.proposer._draft_kernels", lambda: None)
+        monkeypatch.setattr("tasc.accel.draft_kernels.library", lambda: None)
     keys = space_fold_keys(tiny_tokenizer)
     vocab = tiny_tokenizer.get_vocab()
     assert keys[vocab["\u0120book"]] == vocab["book"] and keys[vocab["book"]] == vocab["book"]
@@ -226,7 +226,7 @@ def test_exact_context_match_wins_over_a_folded_one(tiny_tokenizer, compiled, mo
     from tasc.decode.draft import DraftCorpus
 
     if not compiled:
-        monkeypatch.setattr("tasc.decode.proposer._draft_kernels", lambda: None)
+        monkeypatch.setattr("tasc.accel.draft_kernels.library", lambda: None)
     tok = tiny_tokenizer
     ids = tok('{"intent": "book", "x": 1} {"intent": "book', add_special_tokens=False)["input_ids"]
     empty = BoundDraft.from_corpus(DraftCorpus(texts=(), source="references", corpus_hash=""), tok)
@@ -243,9 +243,10 @@ def test_folded_matches_agree_between_compiled_and_python_paths_as_the_context_g
     """Step by step over a growing context, the compiled proposer and the incremental Python
     index give the same drafts and sources, folded matches included (the fold index must take
     every new position, also in steps where an exact match answered)."""
-    from tasc.decode.draft import DraftCorpus, _draft_kernels
+    from tasc.accel import draft_kernels
+    from tasc.decode.draft import DraftCorpus
 
-    if _draft_kernels() is None:
+    if draft_kernels.library() is None:
         pytest.skip("no C compiler here: the numpy references run")
     tok = tiny_tokenizer
     # ' book' twice: the second is indexed in a step where the exact ' book' matches, and the
@@ -259,7 +260,7 @@ def test_folded_matches_agree_between_compiled_and_python_paths_as_the_context_g
     sources = set()
     for L in range(2, len(ids) + 1):
         want = compiled.propose(ids[:L])
-        monkeypatch.setattr("tasc.decode.proposer._draft_kernels", lambda: None)
+        monkeypatch.setattr("tasc.accel.draft_kernels.library", lambda: None)
         got = python.propose(ids[:L])
         monkeypatch.undo()
         assert got[0].tolist() == want[0].tolist(), L

@@ -176,3 +176,23 @@ def test_hf_hub_id_offline_fails_with_a_clear_message():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "could not load Hugging Face dataset 'tasc-missing/none'" in out.stdout
     assert "network access" in out.stdout
+
+
+def test_csv_duplicate_header_fails_naming_file_line_and_column(tmp_path):
+    path = _write(tmp_path / "dup.csv", "prompt,completion,completion\nhi,a,b\n")
+    with pytest.raises(ReaderError) as err:
+        _records("csv", path)
+    msg = str(err.value)
+    assert msg == f"{path}:1: duplicate column 'completion' in the header (columns 2 and 3)"
+    assert "\n" not in msg
+
+
+def test_jsonl_duplicate_key_fails_naming_file_line_and_key(tmp_path):
+    text = '{"prompt": "p", "completion": "a"}\n{"prompt": "p", "completion": "a", "completion": "b"}\n'
+    path = _write(tmp_path / "dup.jsonl", text)
+    with pytest.raises(ReaderError, match=r"dup\.jsonl:2: duplicate key 'completion'") as err:
+        _records("jsonl", path)
+    assert "\n" not in str(err.value)
+    nested = _write(tmp_path / "nested.jsonl", '{"slots": {"city": "A", "city": "B"}}\n')
+    with pytest.raises(ReaderError, match=r"nested\.jsonl:1: duplicate key 'city'"):
+        _records("jsonl", nested)

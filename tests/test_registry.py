@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -21,20 +22,23 @@ from tasc.eval.promotion import PromotionPolicy, Scorecard
 TASK = "prompt-completion"
 
 
+@pytest.mark.slow
 def test_first_version_is_champion(pipeline_result):
     p = pipeline_result["promotion"]
     assert p["promoted"], p
-    assert registry.alias_version(TASK, "champion") == p["version"]
-    assert registry.alias_version(TASK, "challenger") == p["version"]
+    assert pipeline_result["aliases"] == {"champion": p["version"], "challenger": p["version"]}
 
 
+@pytest.mark.slow
 def test_pyfunc_from_registry_generates_with_the_draft(pipeline_result):
     import mlflow
 
     from tasc.decode.engine import DecodeConfig, generate
     from tasc.models import load_model
 
-    model = mlflow.pyfunc.load_model(f"models:/{registry.registered_name(TASK)}@champion")
+    # By version: @champion moves as other tests promote (the served test below uses the alias).
+    version = pipeline_result["promotion"]["version"]
+    model = mlflow.pyfunc.load_model(f"models:/{registry.registered_name(TASK)}/{version}")
     prompts = ["Rewrite this date as YYYY-MM-DD: 4 July 1976", "Rewrite this date as YYYY-MM-DD: 1/2/2003"]
     out = model.predict(pd.DataFrame({"prompt": prompts}), params={"max_new_tokens": 12, "method": "tasc-spec"})
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
@@ -46,7 +50,7 @@ def test_pyfunc_from_registry_generates_with_the_draft(pipeline_result):
     assert {p.name for p in sig.params} == {"max_new_tokens", "method", "temperature"}
 
 
-def test_pip_requirements_have_no_local_builds(pipeline_result):
+def test_pip_requirements_have_no_local_builds():  # needs no registered model: not slow
     reqs = registry.pip_requirements()
     assert all("+" not in r for r in reqs)
     assert any(r.startswith("torch==") for r in reqs)
@@ -59,6 +63,7 @@ def _version_with(card: Scorecard, pipeline_result) -> str:
     return registry.register(mv.source, TASK, card)
 
 
+@pytest.mark.slow
 def test_promotion_rollback_and_tags(pipeline_result):
     first = registry.alias_version(TASK, "champion")
     base = registry.scorecard_of(TASK, first)
@@ -75,6 +80,7 @@ def test_promotion_rollback_and_tags(pipeline_result):
     assert registry.alias_version(TASK, "champion") == first
 
 
+@pytest.mark.slow
 def test_concurrent_promotions_do_not_corrupt_the_aliases(pipeline_result):
     first = registry.alias_version(TASK, "champion")
     base = registry.scorecard_of(TASK, first)
@@ -95,12 +101,123 @@ def test_concurrent_promotions_do_not_corrupt_the_aliases(pipeline_result):
     assert tags["tasc.promotion.promote"] == "False" and tags["tasc.promotion.reason"]
 
 
+def _new_version(task: str, card: Scorecard, tmp_path: Path) -> str:
+    """A registered version with only a scorecard: promotion never loads the model."""
+    src = tmp_path / "model"
+    src.mkdir(exist_ok=True)
+    return registry.register(str(src), task, card)
+
+
+def _task() -> str:
+    return f"promo-{uuid.uuid4().hex[:8]}"
+
+
+def test_promoting_the_champion_again_keeps_the_rollback_target(tmp_path):
+    task = _task()
+    first = _new_version(task, Scorecard(100.0, 0.5), tmp_path)
+    assert registry.promote(task, first).promote
+    again = registry.promote(task, first)
+    assert again.promote and "already is champion" in again.reason
+    assert registry.alias_version(task, "previous") is None  # not the champion itself
+    with pytest.raises(LookupError):
+        registry.rollback(task)
+    fast = _new_version(task, Scorecard(300.0, 0.5), tmp_path)
+    assert registry.promote(task, fast).promote
+    retried = registry.promote(task, fast)  # e.g. a retried promotion task
+    assert retried.promote and f"previous stays {first}" in retried.reason
+    assert registry.alias_version(task, "champion") == fast
+    assert registry.alias_version(task, "previous") == first
+    tags = registry.client().get_model_version(registry.registered_name(task), fast).tags
+    assert "speedup" in tags["tasc.promotion.reason"]  # the decision it won on is kept
+    assert registry.rollback(task) == first
+    assert registry.alias_version(task, "champion") == first
+
+
+def test_alias_lease_excludes_and_breaks_a_stale_one():
+    task = _task()
+    with registry._alias_lease(task):
+        with pytest.raises(TimeoutError, match="held by another"):
+            with registry._alias_lease(task, wait=0.3):
+                pass
+    c = registry.client()
+    c.create_registered_model(registry.lease_name(task),
+                              tags={"tasc.lease.owner": "crashed", "tasc.lease.expires": str(time.time() - 1)})
+    with registry._alias_lease(task, wait=5):
+        lease = c.get_registered_model(registry.lease_name(task))
+        assert lease.tags["tasc.lease.owner"] != "crashed"
+    with pytest.raises(Exception, match="RESOURCE_DOES_NOT_EXIST|not found|does not exist"):
+        c.get_registered_model(registry.lease_name(task))  # released
+
+
+# Runs in a fresh interpreter with its own TASC_HOME; the decision is slowed down so that
+# both racers decide while the other is still deciding, as slow reads would make them.
+RACER = """
+import json, sys, time
+from storage import registry
+real = registry.decide
+def slow(*args, **kwargs):
+    decision = real(*args, **kwargs)
+    time.sleep(1.0)
+    return decision
+registry.decide = slow
+registry.alias_version(sys.argv[1], "champion")  # connected before the start signal
+print("ready", flush=True)
+sys.stdin.readline()
+d = registry.promote(sys.argv[1], sys.argv[2])
+print(json.dumps({"promote": d.promote, "reason": d.reason}), flush=True)
+"""
+
+
+def _line(proc: subprocess.Popen, start: str) -> str:
+    for line in proc.stdout:
+        if line.startswith(start):
+            return line
+    raise AssertionError(f"racer exited without {start!r}")
+
+
+@pytest.mark.slow  # two racing interpreters
+def test_promotions_from_two_state_folders_on_one_store_do_not_both_win(tmp_path):
+    task = _task()
+    first = _new_version(task, Scorecard(100.0, 0.5), tmp_path)
+    registry.promote(task, first)
+    a, b = (_new_version(task, Scorecard(300.0, 0.5), tmp_path) for _ in range(2))
+    procs = {}
+    for v in (a, b):
+        env = {**os.environ, "TASC_HOME": str(tmp_path / f"home-{v}")}  # MLFLOW_TRACKING_URI is shared
+        with open(tmp_path / f"racer-{v}.err", "w") as err:
+            procs[v] = subprocess.Popen([sys.executable, "-c", RACER, task, v], env=env, text=True,
+                                        cwd=Path(__file__).resolve().parents[1], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=err)
+    try:
+        for p in procs.values():
+            _line(p, "ready")
+        for p in procs.values():
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = {v: json.loads(_line(p, "{")) for v, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.stdin.close()  # a racer still waiting for the start signal goes on and ends
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    champ = registry.alias_version(task, "champion")
+    assert champ in (a, b)
+    loser = b if champ == a else a
+    assert results[champ]["promote"] and not results[loser]["promote"], results
+    assert registry.alias_version(task, "previous") == first
+    tags = registry.client().get_model_version(registry.registered_name(task), loser).tags
+    assert tags["tasc.promotion.promote"] == "False" and tags["tasc.promotion.against"] == champ
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers_rest(pipeline_result):
     port = _free_port()
     env = dict(os.environ)

@@ -87,6 +87,7 @@ def _kill_at_first_checkpoint(args: list[str], env: dict, log: Path, timeout: fl
     return int(_checkpoints(home)[-1].parent.name.split("-")[1])
 
 
+@pytest.mark.slow
 def test_killed_pipeline_resumes_from_cache_and_checkpoint(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
     from prefect.settings import PREFECT_API_URL
 

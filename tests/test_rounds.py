@@ -105,6 +105,7 @@ def test_tasc_ft_spec_is_lossless_on_the_expanded_tokenizer(expanded, rows):
         build_methods(["ft-only"], None, cfg, None, True, bound, cost, {"tasc-ft": lm})
 
 
+@pytest.mark.slow
 def test_vocab_flow_logs_nested_rounds_and_writes_the_report(prefect_harness, tiny_model_dir, tmp_path):
     from flows.vocab import vocab_flow
     from storage.tracking import client
@@ -130,6 +131,7 @@ def test_vocab_flow_logs_nested_rounds_and_writes_the_report(prefect_harness, ti
     assert any(a.path.endswith("tokenizer.json") for a in c.list_artifacts(child.info.run_id, "tokenizer"))
 
 
+@pytest.mark.slow
 def test_vocab_command_writes_the_report(tiny_model_dir, tmp_path):
     report = tmp_path / "out.json"
     res = subprocess.run([TASC, "vocab", "prompt-completion", "--model", str(tiny_model_dir), "--rounds", "1",
@@ -140,6 +142,7 @@ def test_vocab_command_writes_the_report(tiny_model_dir, tmp_path):
     assert "| round |" in res.stdout and "chosen:" in res.stdout
 
 
+@pytest.mark.slow
 def test_bench_flow_runs_the_tasc_ft_methods(prefect_harness, tiny_model_dir, expanded):
     from flows.stages import bench_flow, draft_flow, ingest_flow
 
@@ -169,6 +172,7 @@ def test_help_lists_vocab():
     assert "--ft-model" in res.output and "--ft-only-model" in res.output
 
 
+@pytest.mark.slow
 def test_finetuned_vocab_flow_trains_ft_only_and_registers(prefect_harness, tiny_model_dir):
     from flows.vocab import vocab_flow
     from storage.registry import alias_version
@@ -211,3 +215,15 @@ def test_tokens_per_round_default_is_one_number_everywhere():
     assert inspect.signature(vocab_flow.fn).parameters["tokens_per_round"].default == TOKENS_PER_ROUND
     assert PipelineParams(spec="snips").tokens_per_round == TOKENS_PER_ROUND
     assert inspect.signature(vocab).parameters["tokens"].default.default == TOKENS_PER_ROUND
+
+
+def test_choose_round_keeps_the_last_round_within_the_metric_drop():
+    from tasc.ft.rounds import choose_round
+
+    base = {"metric": 0.80}
+    rounds = [{"round": 1, "metric": 0.80}, {"round": 2, "metric": 0.795}, {"round": 3, "metric": 0.70}]
+    assert choose_round(base, rounds, 0.01)["round"] == 2
+    assert choose_round(base, rounds[2:], 0.01) is None
+    # Without a measured metric every round counts as within.
+    assert choose_round({"metric": None}, rounds, 0.01)["round"] == 3
+    assert choose_round(base, [{"round": 1, "metric": None}], 0.01)["round"] == 1

@@ -26,9 +26,8 @@ class ArgmaxHead:
     fp32 head bitwise (ties: the smallest id). The int8 copy follows the weight if it changes.
 
     Used for verify steps of up to ``max_rows`` rows: the screen saves memory traffic, and with
-    the accumulators kept in registers its arithmetic grows slowly with the rows (SmolLM2-135M
-    on 2 cores, fastest of 15: 1 row 2.6 ms vs 5.3 ms for the fp32 head, 8 rows 4.0 vs 5.5,
-    12 rows 5.6 vs 7.3, 17 rows 8.2 vs 9.5)."""
+    the accumulators kept in registers its arithmetic grows slowly with the rows (timings in
+    docs/performance.md)."""
 
     max_rows = 17
 
@@ -77,14 +76,13 @@ class ArgmaxHead:
         return ids
 
 
-def attach_argmax_head(model) -> bool:
-    """Give ``model`` an :class:`ArgmaxHead` (``model._tasc_argmax_head``) that engine.decode
-    uses for greedy steps; False where the model or the CPU does not allow it."""
+def make_argmax_head(model) -> ArgmaxHead | None:
+    """An :class:`ArgmaxHead` over ``model``'s output embedding for the greedy steps of
+    tasc.accel.backend, or None where the model or the CPU does not allow it."""
     import torch
 
     head = model.get_output_embeddings()
     ok = (available() and getattr(model.config, "model_type", None) in ARGMAX_MODELS
           and isinstance(head, torch.nn.Linear) and head.bias is None and head.weight.dtype == torch.float32
           and head.weight.device.type == "cpu" and model.base_model is not model)
-    model._tasc_argmax_head = ArgmaxHead(head.weight) if ok else None
-    return ok
+    return ArgmaxHead(head.weight) if ok else None

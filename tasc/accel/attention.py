@@ -1,12 +1,56 @@
-"""Grouped-query attention on CPU without copying the KV cache per query head.
+"""Attention for CPU decoding.
 
-Registered with transformers' attention registry as ``tasc_grouped_sdpa`` (masks as for SDPA),
-so the model's own layers call it; the dot products and softmax rows are SDPA's.
+* :func:`attend_rows`: causal attention of a step's new query rows over the KV cache, each row
+  by one fixed reduction (kernels/decoder.c), so a k-token verify step gives bitwise the rows
+  of k one-token steps. The lean decoder uses it for decode and verify steps.
+* :func:`grouped_sdpa`: transformers' SDPA attention without copying the KV cache per query
+  head, registered as ``tasc_grouped_sdpa`` (masks as for SDPA) so the model's own layers call
+  it; the dot products and softmax rows are SDPA's.
 """
 
 from __future__ import annotations
 
+import ctypes
+from functools import cache
+
+import numpy as np
+
+from tasc.accel import native
 from tasc.accel.packed import LONG
+
+
+@cache
+def _library():
+    lib = native.load("decoder")
+    if lib is None:
+        return None
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    lib.tasc_attend.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, ctypes.c_float, ptr, ptr, i32]
+    lib.tasc_attend.restype = None
+    return lib
+
+
+def row_invariant_available() -> bool:
+    """True where :func:`attend_rows` can run (AVX2 + FMA and a C compiler)."""
+    return _library() is not None
+
+
+def attend_rows(q, keys, values, past: int, scale: float, threads: int):
+    """q (H, T, D) float32 queries of T new positions after ``past`` cached ones; keys, values
+    (H_kv, capacity, D) float32 caches holding past + T positions -> (T, H * D) float32, the
+    attention output as the output projection reads it (see kernels/decoder.c)."""
+    import torch
+
+    h, t, d = q.shape
+    hkv, cap, _ = keys.shape
+    if d % 8 or h % hkv or not (keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError(f"attend_rows: head dim {d} (multiple of 8), heads {h}/{hkv}, contiguous caches")
+    q = q.contiguous()
+    out = torch.empty(t, h * d)
+    work = np.empty(threads * (past + t), dtype=np.float32)
+    _library().tasc_attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), h, hkv, t, d, cap, past,
+                           scale, out.data_ptr(), work.ctypes.data, threads)
+    return out
 
 ATTENTION = "tasc_grouped_sdpa"
 

@@ -1,24 +1,167 @@
-"""The CPU speed-ups for one loaded model, applied together."""
+"""The backend of a model's decoding: what tasc.accel applied to it, and the forward passes of
+one request behind a small step API.
+
+The decoders need, per request, the logits (or only the greedy ids) of the last positions after
+feeding some new tokens (the prompt, a one-token step, a k-token verify step), and to drop the
+last tokens of the KV cache when a draft is rejected. :class:`Steps` gives exactly that, so the
+verify loop in tasc.decode reads as the algorithm and the machinery stays here: the lean decoder
+forward (tasc.accel.lean_decoder) and the exact argmax head (tasc.accel.argmax_head, C kernels)
+where :meth:`Backend.accelerated` could apply them, else transformers' forward with a
+``DynamicCache``. Both paths emit the same greedy tokens: the lean forward returns transformers'
+hidden states bitwise, and the argmax head the argmax of the full fp32 head.
+
+A backend from :meth:`Backend.accelerated` stays with its model (a private attribute, read only
+in this package), so ``Backend.for_model(model)`` finds it again where only the torch model is
+passed around.
+"""
 
 from __future__ import annotations
 
-from tasc.accel.argmax_head import attach_argmax_head
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from tasc.accel import quant
+from tasc.accel.argmax_head import ArgmaxHead, make_argmax_head
 from tasc.accel.attention import group_attention
-from tasc.accel.lean_decoder import attach_lean_decoder
+from tasc.accel.lean_decoder import LeanDecoder, make_lean_decoder
 from tasc.accel.packed import pack_linears
+from tasc.accel.quantized import QuantHead, make_quant_head, quantize_model
+
+# The attribute of the torch model that holds its accelerated backend; unpack_linears
+# (tasc.accel.packed) drops it with the packed copies the lean decoder runs on.
+ATTACHED = "_tasc_backend"
 
 
-def speed_up(model) -> str:
-    """Packed linears, grouped attention, the exact argmax head and the lean decoder forward
-    (tasc.accel.lean_decoder) for CPU fp32 inference; returns a label for reports ("torch" when
-    nothing applied)."""
-    parts = []
-    if pack_linears(model):
-        parts.append("packed-linear")
-    if group_attention(model):
-        parts.append("grouped-attention")
-    if attach_argmax_head(model):
-        parts.append("argmax-head")
-    if attach_lean_decoder(model):
-        parts.append("lean-decoder")
-    return "+".join(parts) or "torch"
+def _cache_kw(forward) -> str:
+    """The KV cache keyword of a forward (renamed across transformers versions)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+class Backend:
+    """How one model runs the forward passes of decoding.
+
+    ``model``: the torch model; ``kernels``: what tasc.accel applied, a label for reports such as
+    "packed-linear+grouped-attention+argmax-head+lean-decoder" ("torch": nothing); ``head``: the
+    exact argmax head or None; ``lean``: the lean decoder forward or None (then transformers'
+    forward runs). :meth:`start` begins a request."""
+
+    def __init__(self, model, kernels: str = "torch", head: ArgmaxHead | QuantHead | None = None,
+                 lean: LeanDecoder | None = None):
+        self.model, self.kernels, self.head, self.lean = model, kernels, head, lean
+        self.quant_label: str | None = None  # the quantised weights' label (tasc.accel.quantized)
+        self.cache_kw = _cache_kw(model.forward)
+        # The argmax head without the lean decoder runs the decoder stack alone.
+        self.base_cache_kw = _cache_kw(getattr(model, "base_model", model).forward)
+
+    @classmethod
+    def for_model(cls, model) -> Backend:
+        """The backend of ``model``: ``model`` itself when it is a Backend, the one
+        :meth:`accelerated` attached to it, else transformers' forward ("torch")."""
+        if isinstance(model, Backend):
+            return model
+        attached = getattr(model, ATTACHED, None)
+        return attached if attached is not None else cls(model)
+
+    @classmethod
+    def accelerated(cls, model, weights: str = "float32", gguf: Path | None = None) -> Backend:
+        """Apply the CPU speed-ups that fit ``model`` and attach the backend that runs them; its
+        ``kernels`` names what applied ("torch" when nothing did).
+
+        weights: "float32" packs the fp32 linears and adds the exact int8-screened argmax head;
+        a quantised format (tasc.accel.quantized.WEIGHTS: "gguf" for the blocks of the file
+        ``gguf``, or "q8_0", "q4_0", "q4_1") puts the linears and the LM head on the quantised
+        kernel. Both then get grouped attention and the lean decoder forward."""
+        parts, head = [], None
+        label = quantize_model(model, weights, gguf) if weights != "float32" else None
+        if label is not None:
+            parts.append(f"quant[{label}; {quant.isa()}]")
+            head = make_quant_head(model)
+        elif pack_linears(model):
+            parts.append("packed-linear")
+        if group_attention(model):
+            parts.append("grouped-attention")
+        if head is None:
+            head = make_argmax_head(model)
+        if head is not None:
+            parts.append("argmax-head")
+        lean = make_lean_decoder(model)  # after pack_linears: it runs on the packed copies
+        if lean is not None:
+            parts.append("lean-decoder")
+            if lean.fused is not None:
+                parts.append("fused-step")
+        backend = cls(model, "+".join(parts) or "torch", head, lean)
+        backend.quant_label = label
+        setattr(model, ATTACHED, backend)
+        return backend
+
+    def start(self) -> Steps:
+        """A new request: an empty KV cache and a pass counter at 0."""
+        return Steps(self)
+
+
+class Steps:
+    """The forward passes of one request over its KV cache (see :meth:`Backend.start`).
+
+    Every call takes ``ids``, the new tokens after the cached ones, and the cache grows by them;
+    ``passes`` counts the forward passes."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.model, self.head, self.lean = backend.model, backend.head, backend.lean
+        self.passes = 0
+        if self.lean is not None:
+            self.lean.refresh()  # weights may have changed since the last request
+            self.cache = self.lean.new_cache()
+        else:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=self.model.config)
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache."""
+        return self.cache.length if self.lean is not None else self.cache.get_seq_length()
+
+    def prefill(self, ids: Sequence[int], keep: int = 1) -> torch.Tensor:
+        """The prompt: :meth:`step` on the empty cache."""
+        if self.length:
+            raise ValueError(f"prefill starts a request, but {self.length} tokens are cached")
+        return self.step(ids, keep)
+
+    @torch.inference_mode()
+    def step(self, ids: Sequence[int], keep: int) -> torch.Tensor:
+        """float32 logits (keep, V) of the last ``keep`` positions."""
+        self.passes += 1
+        if self.lean is not None:
+            hidden = self.lean.forward(list(ids), self.cache)
+            return self.model.get_output_embeddings()(hidden[-keep:]).float()
+        x = torch.as_tensor([list(ids)], dtype=torch.long, device=self.model.device)
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=keep, **{self.backend.cache_kw: self.cache})
+        return out.logits[0, -keep:].float()
+
+    @torch.inference_mode()
+    def argmax(self, ids: Sequence[int], keep: int) -> list[int]:
+        """The greedy next token after each of the last ``keep`` positions (on an empty cache:
+        a prefill).
+
+        With the exact argmax head (up to its ``max_rows``), the decoder stack runs without the
+        LM head and the head picks the argmax from its int8 screen: the same ids as the argmax
+        of :meth:`step`'s logits, without computing most of them."""
+        if self.head is None or keep > self.head.max_rows:
+            return self.step(ids, keep).argmax(dim=-1).tolist()
+        self.passes += 1
+        if self.lean is not None:
+            hidden = self.lean.forward(list(ids), self.cache)[-keep:]
+        else:
+            x = torch.as_tensor([list(ids)], dtype=torch.long, device=self.model.device)
+            out = self.model.base_model(input_ids=x, use_cache=True, **{self.backend.base_cache_kw: self.cache})
+            hidden = out.last_hidden_state[0, -keep:]
+        return self.head(hidden.numpy()).tolist()
+
+    def crop(self, n_remove: int) -> None:
+        """Forget the last ``n_remove`` cached tokens (rejected draft tokens)."""
+        if n_remove > 0:
+            self.cache.crop(-n_remove)

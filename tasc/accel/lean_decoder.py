@@ -1,25 +1,28 @@
-"""A lean decoder forward for CPU decoding of llama-family models (tasc.decode.engine's fast path).
+"""A lean decoder forward for CPU decoding of llama-family models (the fast path of tasc.accel.backend).
 
-A decode step of SmolLM2-135M on 2 cores spends about a quarter of its time in transformers'
-Python around the arithmetic: module calls and keyword plumbing through 30 layers, the mask
-builder, and the DynamicCache, which concatenates every layer's keys and values into new
-tensors at every step. This runs the same layers with the same arithmetic and keeps the cache in
-preallocated buffers (SmolLM2, ~210 cached tokens: a one-token step 58 -> 43 ms, a 4-token
-verify 50 -> 38 ms without the LM head).
+A small model's decode step spends a large share of its time in transformers' Python around
+the arithmetic: module calls and keyword plumbing through every layer, the mask builder, and
+the DynamicCache, which concatenates every layer's keys and values into new tensors at every
+step. This runs the same layers with the same arithmetic and keeps the cache in preallocated
+buffers (measurements: docs/performance.md).
 
-Contract: :meth:`LeanDecoder.forward` returns the final hidden states bitwise equal to
-``model.base_model(...)`` with tasc.accel.packed applied, step after step, because every piece
-is the model's own: its norms' ``forward``, its rotary module and ``apply_rotary_pos_emb``, its
-attention function and the masks transformers builds for it (none for one token or a fresh
-prompt, a causal boolean mask for a verify step), its activation. Linears that share an input
-(q/k/v, gate/up) run as one packed GEMM: each 8-column block of the packed kernel is computed on
-its own, so the fused output has the same columns, and the modules' own packed copies become
-views of the fused one (no second copy of the weights). A prompt prefill (over
-``packed.LONG`` tokens) runs each module as transformers would (BLAS).
+Contract: each position's final hidden state from :meth:`LeanDecoder.forward` is bitwise the
+same however the new tokens are split into steps (a k-token verify step or k one-token steps,
+after any crops), which is what keeps greedy speculative decoding lossless. Every row-wise piece
+is the model's own (its norms' ``forward``, its rotary module and ``apply_rotary_pos_emb``, its
+activation); the linears are tasc's packed fp32 or quantised kernels, whose rows do not depend
+on the other rows of the call; decode and verify steps (up to ``packed.LONG`` tokens) attend
+row by row (tasc.accel.attention.attend_rows), since torch's attention kernels block by the
+number of query rows. A prompt prefill (more tokens) runs each module as transformers would
+(BLAS linears, the model's attention function), shared by greedy and speculative decoding.
+Against ``model.base_model(...)`` with the same linear kernels the hidden states agree up to
+the rounding of attention. Linears that share an input (q/k/v, gate/up) run as one GEMM: each
+output column is computed on its own, so the fused output has the same columns; with packed
+fp32 weights the modules' own packed copies become views of the fused one.
 
 Where it applies: llama, mistral and qwen2 models in float32 on the CPU with full attention
 (no sliding window), SDPA or tasc's grouped SDPA, and packed linears. Elsewhere
-:func:`attach_lean_decoder` attaches nothing and the engine keeps transformers' forward.
+:func:`make_lean_decoder` returns None and the backend keeps transformers' forward.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ import sys
 
 import torch
 
-from tasc.accel.attention import ATTENTION
+from tasc.accel.attention import ATTENTION, attend_rows, row_invariant_available
+from tasc.accel.fused import make_fused_step
 from tasc.accel.packed import BLOCK, LONG, available, pack, small_gemm, weight_stamp
+from tasc.accel.quant import QuantWeight
+from tasc.accel.quantized import current_weight
 
 LEAN_MODELS = ("llama", "mistral", "qwen2")
 
@@ -64,25 +70,33 @@ class LeanCache:
 
 
 class _Group:
-    """nn.Linear modules that read the same input, multiplied as one packed GEMM."""
+    """nn.Linear modules that read the same input, multiplied as one packed GEMM (fp32) or one
+    quantised matmul (tasc.accel.quantized): each output column is computed on its own, so the
+    fused outputs equal the modules' own."""
 
     def __init__(self, modules):
         self.modules = list(modules)
         self.widths = [m.weight.shape[0] for m in self.modules]
         self.fusable = all(w % BLOCK == 0 for w in self.widths)
-        self.packed, self.bias, self.stamps = None, None, None
+        self.packed, self.quant, self.bias, self.stamps = None, None, None, None
 
     def refresh(self) -> None:
         """Repack when a weight changed (training, resizing) since the last pack."""
         # The stamps _packed_forward checks, so the modules accept the views set below.
         stamps = [weight_stamp(m.weight) for m in self.modules]
-        if stamps == self.stamps or not self.fusable:
-            self.stamps = stamps
+        if stamps == self.stamps:
             return
-        self.packed = pack(torch.cat([m.weight.detach() for m in self.modules]).numpy())
         biases = [m.bias for m in self.modules]
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [b.detach() if b is not None else torch.zeros(w) for b, w in zip(biases, self.widths, strict=True)])
+        if all("_tasc_quant" in m.__dict__ for m in self.modules):
+            self.quant = QuantWeight.concat([current_weight(m) for m in self.modules])
+            self.stamps = stamps
+            return
+        if not self.fusable:
+            self.stamps = stamps
+            return
+        self.packed = pack(torch.cat([m.weight.detach() for m in self.modules]).numpy())
         start = 0
         for m, w, stamp in zip(self.modules, self.widths, stamps, strict=True):
             blocks = w // BLOCK
@@ -93,10 +107,13 @@ class _Group:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (T, K) float32 -> one (T, N_i) output per module."""
-        if x.shape[0] > LONG or self.packed is None:
+        if x.shape[0] > LONG or (self.packed is None and self.quant is None):
             return [m(x) for m in self.modules]
-        y = torch.from_numpy(small_gemm(x.contiguous().numpy(), self.packed, sum(self.widths),
-                                                    torch.get_num_threads()))
+        if self.quant is not None:
+            y = torch.from_numpy(self.quant.matmul(x.contiguous().numpy()))
+        else:
+            y = torch.from_numpy(small_gemm(x.contiguous().numpy(), self.packed, sum(self.widths),
+                                            torch.get_num_threads()))
         if self.bias is not None:
             y = y + self.bias
         return list(y.split(self.widths, dim=-1))
@@ -141,8 +158,8 @@ def unsupported(model) -> str | None:
     for layer in base.layers:
         mods = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                 layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-        if any("_tasc_stamp" not in m.__dict__ for m in mods):
-            return "linears not packed"
+        if any("_tasc_stamp" not in m.__dict__ and "_tasc_quant" not in m.__dict__ for m in mods):
+            return "linears neither packed nor quantised"
     return None
 
 
@@ -161,12 +178,15 @@ class LeanDecoder:
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = attn.head_dim
         self.steps = 0  # forward calls (statistics)
+        self.fused = None  # tasc.accel.fused.FusedStep for decode and verify steps, where it fits
 
     def refresh(self) -> None:
         """Follow weights changed since the last call; call once per request."""
         for layer in self.layers:
             for group in layer.groups():
                 group.refresh()
+        if self.fused is not None:
+            self.fused.refresh()
 
     def new_cache(self, capacity: int = 256) -> LeanCache:
         return LeanCache(len(self.layers), self.kv_heads, self.head_dim, capacity)
@@ -176,6 +196,9 @@ class LeanDecoder:
         """ids: T new token ids after ``cache.length`` cached ones -> (T, hidden) float32, the
         final normed hidden states (the input of the LM head); the cache grows by T."""
         t, past = len(ids), cache.length
+        if self.fused is not None and t <= LONG:
+            self.steps += 1
+            return self.fused(ids, cache)
         s = past + t
         cache.reserve(t)
         h = self.base.embed_tokens(torch.as_tensor([ids], dtype=torch.long))[0]
@@ -184,6 +207,7 @@ class LeanDecoder:
         # query token, or a prompt with nothing cached), else the causal boolean mask.
         mask = None if (t == 1 or past == 0) else torch.ones(t, s, dtype=torch.bool).tril(past)[None, None]
         attend = self.attention.get_interface(self.model.config._attn_implementation, None)
+        rows, threads = t <= LONG and row_invariant_available(), torch.get_num_threads()
         hd = self.head_dim
         for i, layer in enumerate(self.layers):
             x = layer.norm1(h)
@@ -195,8 +219,11 @@ class LeanDecoder:
             q, k = layer.rotary(q, k, cos, sin)
             cache.keys[i, :, :, past:s] = k
             cache.values[i, :, :, past:s] = v
-            out, _ = attend(layer.attn, q, cache.keys[i, :, :, :s], cache.values[i, :, :, :s], mask,
-                            dropout=0.0, scaling=layer.attn.scaling)
+            if rows:  # a decode or verify step: every query row by its own fixed reduction
+                out = attend_rows(q[0], cache.keys[i, 0], cache.values[i, 0], past, layer.attn.scaling, threads)
+            else:  # a prompt prefill, shared by greedy and speculative decoding
+                out, _ = attend(layer.attn, q, cache.keys[i, :, :, :s], cache.values[i, :, :, :s], mask,
+                                dropout=0.0, scaling=layer.attn.scaling)
             (o,) = layer.o(out.reshape(t, -1))
             h = h + o
             gate, up = layer.gate_up(layer.norm2(h))
@@ -207,12 +234,12 @@ class LeanDecoder:
         return self.base.norm(h)
 
 
-def attach_lean_decoder(model) -> bool:
-    """Give ``model`` a :class:`LeanDecoder` (``model._tasc_lean``) that engine.decode uses;
-    False (and None attached) where :func:`unsupported` names a reason."""
-    model._tasc_lean = None
+def make_lean_decoder(model) -> LeanDecoder | None:
+    """A :class:`LeanDecoder` for ``model`` (its linears packed), or None where
+    :func:`unsupported` names a reason."""
     if unsupported(model) is not None:
-        return False
-    model._tasc_lean = LeanDecoder(model)
-    model._tasc_lean.refresh()
-    return True
+        return None
+    lean = LeanDecoder(model)
+    lean.refresh()
+    lean.fused = make_fused_step(lean)
+    return lean

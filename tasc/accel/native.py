@@ -23,8 +23,13 @@ KERNELS = Path(__file__).with_name("kernels")
 FLAGS: dict[str, tuple[str, ...]] = {
     "small_gemm": ("-O3", "-mavx2", "-mfma", "-ffp-contract=fast", "-fopenmp"),
     "draft": ("-O2",),
+    # Every variant of the quantised kernels, each function built for its own instruction set
+    # (target attributes): the library loads anywhere and tasc.accel.quant probes the variants.
+    "quant": ("-O3", "-ffp-contract=off", "-fopenmp"),
+    "decoder": ("-O2", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"),
 }
-NEEDS: dict[str, tuple[str, ...]] = {"small_gemm": ("avx2", "fma"), "draft": ()}
+NEEDS: dict[str, tuple[str, ...]] = {"small_gemm": ("avx2", "fma"), "draft": (), "quant": (),
+                                     "decoder": ("avx2", "fma")}
 # The sources as they were when this process imported tasc: the ctypes signatures in the
 # Python modules of the same moment match them, even if the files change while it runs.
 SOURCES: dict[str, bytes] = {name: (KERNELS / f"{name}.c").read_bytes() for name in FLAGS}

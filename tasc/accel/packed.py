@@ -1,8 +1,8 @@
 """Packed small-batch fp32 linear layers for CPU decoding (kernels/small_gemm.c).
 
 A speculative verify step multiplies 1 + k rows through every weight matrix. On CPU the BLAS
-sgemm behind ``torch.nn.functional.linear`` repacks the weight on every call, so 2-16 rows
-cost 2-2.5x one row although the weights, not the arithmetic, are the bottleneck. This module
+sgemm behind ``torch.nn.functional.linear`` repacks the weight on every call, so a few rows
+cost several times one row although the weights, not the arithmetic, are the bottleneck. This module
 packs each ``nn.Linear`` weight once into 8-column blocks and multiplies up to 12 rows per
 pass over them: k-token steps then cost little more than one-token steps.
 
@@ -36,7 +36,7 @@ from tasc.accel import native
 
 BLOCK = 8  # columns per packed block (one AVX2 register)
 # Sequences longer than this (prompt prefill) go to torch's BLAS, which is faster once the
-# weight packing is shared by hundreds of rows (400 prompt tokens: 1.55 s vs 1.8 s here);
+# weight packing is shared by hundreds of rows (docs/performance.md);
 # decode and verify steps (1 + k <= 17 tokens a row) stay on the packed kernel.
 LONG = 64
 
@@ -121,8 +121,9 @@ def pack_linears(model) -> int:
 
 
 def unpack_linears(model) -> None:
-    """Undo :func:`pack_linears` (drop the packed copies, and the lean decoder built on them)."""
+    """Undo :func:`pack_linears` (drop the packed copies, and the backend attached with them,
+    whose lean decoder runs on them: ``Backend.for_model`` then gives transformers' forward)."""
     for module in model.modules():
-        module.__dict__.pop("_tasc_lean", None)
+        module.__dict__.pop("_tasc_backend", None)  # tasc.accel.backend.ATTACHED
         if "_tasc_stamp" in module.__dict__:
             del module.forward, module._tasc_stamp, module._tasc_packed

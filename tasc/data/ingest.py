@@ -5,7 +5,9 @@ Every record is shaped (``prompt_completion``, ``messages`` or ``template``) and
 each problem becomes a bad row naming its file, line and field. Policy ``fail`` raises
 :class:`IngestError` listing the first problems; ``skip`` keeps the good rows and returns the
 bad ones in ``rejected``. Nothing disappears silently: exact duplicates are removed but
-counted, and records whose bytes were replaced while decoding are counted.
+counted, and records whose bytes were replaced while decoding are counted. No rows at all
+(an empty source, or every record rejected) raises :class:`IngestError` under either policy:
+an empty corpus is never a success.
 
 Splits come from a stable hash of the split seed and the row id, so they depend neither on
 row order nor on Python's hash seed, and a row keeps its split when others are added.
@@ -23,8 +25,9 @@ from typing import Any
 
 import pandas as pd
 
+from tasc import progress_bar
 from tasc.data.readers import HUB_PREFIX, RawRecord, expand_paths, read_records
-from tasc.data.spec import BAD_ROW_POLICIES, SpecError, SplitRule, TaskSpec
+from tasc.data.spec import SpecError, SplitRule, TaskSpec, bad_row_policy
 
 SPLITS = ("train", "validation", "test")
 BASE_COLUMNS = ["id", "prompt", "completion", "split", "source", "line"]
@@ -276,24 +279,28 @@ def _collect(spec: TaskSpec) -> tuple[list[dict], list[dict], dict[str, int]]:
     seen_text: set[tuple] = set()
     seen_id: dict[str, str] = {}
     counts = {"records_read": 0, "duplicates_removed": 0, "decode_replacements": 0}
-    for rec in read_records(spec.source):
-        counts["records_read"] += 1
-        counts["decode_replacements"] += rec.replacements > 0
-        try:
-            row = build_row(rec, spec)
-            key = (row["prompt"], row["completion"], row.get("system"), row.get("messages"))
-            if key in seen_text:
-                counts["duplicates_removed"] += 1
+    # Rows and their rate (no total is known before reading); shown only past a second (large files).
+    with progress_bar(desc=f"ingest {spec.name}", unit=" rows", delay=1.0) as bar:
+        for rec in read_records(spec.source):
+            bar.update()
+            counts["records_read"] += 1
+            counts["decode_replacements"] += rec.replacements > 0
+            try:
+                row = build_row(rec, spec)
+                key = (row["prompt"], row["completion"], row.get("system"), row.get("messages"))
+                if key in seen_text:
+                    counts["duplicates_removed"] += 1
+                    continue
+                if row["id"] in seen_id:
+                    first = seen_id[row["id"]]
+                    raise BadRow(spec.source.id_field or "id",
+                                 f"duplicate id {row['id']!r} (first at {first})")
+            except BadRow as bad:
+                rejected.append(_rejection(rec, bad))
                 continue
-            if row["id"] in seen_id:
-                first = seen_id[row["id"]]
-                raise BadRow(spec.source.id_field or "id", f"duplicate id {row['id']!r} (first at {first})")
-        except BadRow as bad:
-            rejected.append(_rejection(rec, bad))
-            continue
-        seen_text.add(key)
-        seen_id[row["id"]] = rec.location
-        rows.append(row)
+            seen_text.add(key)
+            seen_id[row["id"]] = rec.location
+            rows.append(row)
     return rows, rejected, counts
 
 
@@ -313,6 +320,15 @@ def _failure_message(spec: TaskSpec, rejected: list[dict]) -> str:
         "Fix the data, or set `on_bad_rows: skip` in the spec to keep the good rows and set the bad aside."
     )
     return "\n".join(lines)
+
+
+def _empty_message(spec: TaskSpec, rejected: list[dict]) -> str:
+    files = ", ".join(expand_paths(spec.source))
+    if not rejected:
+        return f"{files}: no records to ingest (the source is empty); add rows, or point source.paths at the data"
+    first = rejected[0]
+    return (f"{files}: all {len(rejected)} records were rejected under policy skip (the first: {first['location']} "
+            f"{first['field']}: {first['reason']}); fix the data or the spec's field names")
 
 
 def _manifest(spec: TaskSpec, policy: str, corpus: pd.DataFrame, n_rejected: int, counts: dict) -> dict:
@@ -336,9 +352,7 @@ def ingest(spec: TaskSpec, policy: str | None = None) -> IngestResult:
     ``policy`` overrides ``spec.on_bad_rows``: ``fail`` raises :class:`IngestError` on any
     bad row, ``skip`` returns them in ``IngestResult.rejected``.
     """
-    policy = policy or spec.on_bad_rows
-    if policy not in BAD_ROW_POLICIES:
-        raise ValueError(f"bad-row policy must be one of {', '.join(BAD_ROW_POLICIES)}; got {policy!r}")
+    policy = bad_row_policy(spec, policy)
     _check_spec(spec)
     rows, rejected, counts = _collect(spec)
     for row in rows:
@@ -346,4 +360,6 @@ def ingest(spec: TaskSpec, policy: str | None = None) -> IngestResult:
     corpus, bad = _frames(rows, rejected, spec)
     if rejected and policy == "fail":
         raise IngestError(_failure_message(spec, rejected), bad)
+    if not rows:  # an empty corpus fails: it is never stored, nor marked LATEST
+        raise IngestError(_empty_message(spec, rejected), bad)
     return IngestResult(corpus, bad, _manifest(spec, policy, corpus, len(bad), counts))

@@ -5,7 +5,9 @@ field: reason``. Files are read as bytes and decoded with ``source.encoding`` /
 ``source.errors`` here, not by ``open``: under ``strict`` a bad byte stops the read naming
 file and byte offset; under a lenient mode each record whose bytes were replaced is counted.
 Record-level problems (a line that is not JSON) come back as records with ``problem`` set;
-file-level ones (no such file, a bad byte under ``strict``) raise :class:`ReaderError`.
+file-level ones (no such file, a bad byte under ``strict``) raise :class:`ReaderError`, and
+so do a CSV header naming a column twice and a JSONL object naming a key twice: keeping one
+of the values would silently lose the other. (Decoding lives in :mod:`tasc.data.decoding`.)
 
 SNIPS: the utterance is its segments joined (outer spaces stripped); slot values are
 stripped (some spans such as ``"vimeo "`` include the separator); a slot named twice in one
@@ -14,7 +16,6 @@ utterance (61 of the 14,484 shipped ones) maps to the list of its values in utte
 
 from __future__ import annotations
 
-import codecs
 import csv
 import glob
 import io
@@ -26,17 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasc.data.decoding import ReaderError, decode_file, unmark
 from tasc.data.spec import Source
 
 HUB_PREFIX = "hf://"
 _HF_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-# Noncharacters (reserved for internal use by Unicode) bracket each replacement made while
-# decoding, so the records holding one can be counted; they are removed before use.
-_OPEN, _CLOSE = "\ufdd0", "\ufdd1"
-
-
-class ReaderError(ValueError):
-    """A source that cannot be read at all; the message names the file and what to change."""
 
 
 @dataclass(frozen=True)
@@ -50,68 +45,6 @@ class RawRecord:
     problem: str | None = None  # why the record could not be parsed; fields is then empty
     raw: str | None = None  # the original text of a record that could not be parsed
     replacements: int = 0  # runs of undecodable bytes replaced in this record's text
-
-
-def _marking_handler(mode: str) -> str:
-    """Register (once) an error handler that wraps ``mode``'s replacement in markers."""
-    name = f"tasc-marked-{mode}"
-    try:
-        codecs.lookup_error(name)
-    except LookupError:
-        inner = codecs.lookup_error(mode)
-
-        def handler(exc: UnicodeError) -> tuple[str, int]:
-            text, end = inner(exc)
-            return _OPEN + text + _CLOSE, end
-
-        codecs.register_error(name, handler)
-    return name
-
-
-def _decode_message(path: str, data: bytes, e: UnicodeDecodeError, encoding: str) -> str:
-    offset = e.start + len(data) - len(e.object)  # utf-8-sig reports offsets after the BOM
-    line = data.count(b"\n", 0, offset) + 1
-    return (
-        f"{path}: byte 0x{data[offset]:02x} at offset {offset} (line {line}) is not valid "
-        f"{encoding} ({e.reason}). Set `errors: replace` (or ignore / backslashreplace) under "
-        "`source:` in the spec to read the file anyway; affected rows are counted in the manifest"
-    )
-
-
-def decode_file(path: str, encoding: str, errors: str) -> tuple[str, bool]:
-    """The text of a file and whether any bytes were replaced (marked) while decoding."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ReaderError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        # utf-8-sig drops a leading BOM (not content, and json.loads rejects it).
-        codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
-        if errors == "strict":
-            return data.decode(codec), False
-        text = data.decode(codec, _marking_handler(errors))
-    except UnicodeDecodeError as e:
-        raise ReaderError(_decode_message(path, data, e, encoding)) from None
-    except LookupError as e:
-        raise ReaderError(f"{path}: {e} (source.encoding / source.errors)") from None
-    return text, _OPEN in text
-
-
-def unmark(value: Any) -> tuple[Any, int]:
-    """Remove the replacement markers from parsed data; returns it and the marker count."""
-    if isinstance(value, str):
-        n = value.count(_OPEN)
-        return (value.replace(_OPEN, "").replace(_CLOSE, "") if n else value), n
-    if isinstance(value, list):
-        pairs = [unmark(v) for v in value]
-        return [v for v, _ in pairs], sum(n for _, n in pairs)
-    if isinstance(value, dict):
-        out, total = {}, 0
-        for k, v in value.items():
-            (k2, n1), (v2, n2) = unmark(k), unmark(v)
-            out[k2], total = v2, total + n1 + n2
-        return out, total
-    return value, 0
 
 
 def expand_paths(source: Source) -> list[str]:
@@ -160,6 +93,17 @@ def _record(path: str, line: int | None, location: str, fields: Any, marked: boo
     return RawRecord(path, line, location, fields, replacements=count)
 
 
+class _DuplicateKey(Exception):
+    """A JSON object names one key twice; ``json`` would keep the last value without a word."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        raise _DuplicateKey(next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i])))
+    return obj
+
+
 def read_jsonl(path: str, source: Source) -> Iterator[RawRecord]:
     """One JSON object per line; blank lines are skipped, bad lines are problem records."""
     text, marked = decode_file(path, source.encoding, source.errors)
@@ -170,10 +114,13 @@ def read_jsonl(path: str, source: Source) -> Iterator[RawRecord]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             bad = f"not valid JSON: {e.msg} (column {e.colno})"
             yield RawRecord(path, i, f"{name}:{i}", {}, bad, unmark(line)[0])
+        except _DuplicateKey as e:
+            raise ReaderError(f"{path}:{i}: duplicate key {unmark(e.args[0])[0]!r} in one JSON object "
+                              "(only one of its values could be kept)") from None
         else:
             yield _record(path, i, f"{name}:{i}", obj, marked)
 
@@ -218,6 +165,11 @@ def read_csv(path: str, source: Source) -> Iterator[RawRecord]:
     name = os.path.basename(path)
     rows = csv.reader(io.StringIO(text, newline=""))
     header = next(rows, None) or []
+    for col, field in enumerate(header):
+        if field in header[:col]:
+            # zip into a dict would keep only the last column of that name, without a word.
+            raise ReaderError(f"{path}:1: duplicate column {unmark(field)[0]!r} in the header (columns "
+                              f"{header.index(field) + 1} and {col + 1})")
     while True:
         start = rows.line_num + 1  # a quoted field may span lines: report where the row starts
         try:

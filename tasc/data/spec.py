@@ -143,20 +143,31 @@ def _check(value: Any, allowed: tuple[str, ...], where: str, key: str) -> None:
         raise SpecError(f"{where}: '{key}' must be one of {', '.join(allowed)}; got {value!r}")
 
 
-def resolve_spec_path(name_or_path: str | Path) -> Path:
+def bad_row_policy(spec: TaskSpec, policy: str | None = None) -> str:
+    """The bad-row policy an ingest runs under: ``policy`` when given, else the spec's.
+    Checked before anything is looked up, since the policy is part of the corpus version."""
+    if policy is not None and policy not in BAD_ROW_POLICIES:
+        raise SpecError(f"bad-row policy {policy!r} is not one of {', '.join(BAD_ROW_POLICIES)}; "
+                        f"pass --policy {' or --policy '.join(BAD_ROW_POLICIES)}, or leave it out for the "
+                        f"spec's on_bad_rows ({spec.on_bad_rows})")
+    return policy or spec.on_bad_rows
+
+
+def resolve_spec_path(spec: str | Path) -> Path:
     """A spec given by path, or by short name from the shipped ``specs/`` folder."""
-    p = Path(name_or_path)
+    p = Path(spec)
     if p.exists():
         return p
-    for cand in (SPECS_DIR / f"{name_or_path}.yaml", SPECS_DIR / f"{name_or_path}.yml"):
+    for cand in (SPECS_DIR / f"{spec}.yaml", SPECS_DIR / f"{spec}.yml"):
         if cand.exists():
             return cand
     shipped = ", ".join(sorted(x.stem for x in SPECS_DIR.glob("*.yaml")))
-    raise SpecError(f"no spec file {name_or_path!r}; shipped specs: {shipped}")
+    raise SpecError(f"no spec file {spec!r}; shipped specs: {shipped}")
 
 
-def load_spec(name_or_path: str | Path) -> TaskSpec:
-    path = resolve_spec_path(name_or_path)
+def load_spec(spec: str | Path) -> TaskSpec:
+    """The task spec named ``spec`` (a shipped spec's name or a YAML path), parsed and checked."""
+    path = resolve_spec_path(spec)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

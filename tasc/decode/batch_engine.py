@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tasc.data.prompts import Row, encode_prompts
 from tasc.decode.draft import BoundDraft
 from tasc.decode.engine import (
     METHODS,
@@ -45,7 +46,6 @@ from tasc.decode.engine import (
     Output,
     RequestStats,
     cut_at_stop,
-    encode_prompts,
     eos_ids,
     first_stop,
     verify_draft,
@@ -253,7 +253,7 @@ def decode_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
 def generate_batch(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[Row],
     draft: BoundDraft | None = None,
     method: str = "tasc-spec",
     config: DecodeConfig | None = None,

@@ -25,8 +25,6 @@ conditional probability estimated for each; an empty pair means "no draft".
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import itertools
 from collections.abc import Sequence
@@ -34,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tasc.accel import native
+from tasc.accel import draft_kernels
 
 DRAFT_SCHEMA_VERSION = "1"
 SEP = -1
@@ -133,32 +131,12 @@ def walk_continuations(cont: np.ndarray, max_len: int, prior: float = 1.0) -> tu
     Returns (tokens int64 (k,), probs float64 (k,)), k <= max_len. Runs the compiled
     kernels/draft.c where it is available (a few microseconds instead of a few hundred), else
     :func:`walk_continuations_numpy`; both return the same (tested)."""
-    lib = _draft_kernels()
-    if lib is None or len(cont) > 4096:
+    if draft_kernels.library() is None or len(cont) > 4096:
         return walk_continuations_numpy(cont, max_len, prior)
     rows = np.ascontiguousarray(cont[:, :max_len], dtype=np.int64)
-    width = rows.shape[1]
-    toks, probs = np.empty(width, dtype=np.int64), np.empty(width, dtype=np.float64)
-    k = lib.tasc_walk(rows.ctypes.data, len(rows), width, prior, toks.ctypes.data, probs.ctypes.data)
+    toks, probs = np.empty(rows.shape[1], dtype=np.int64), np.empty(rows.shape[1], dtype=np.float64)
+    k = draft_kernels.walk(rows, prior, toks, probs)
     return toks[:k], probs[:k]
-
-
-@functools.cache
-def _draft_kernels():
-    """kernels/draft.c through ctypes, or None (no C compiler): the numpy references run then."""
-    lib = native.load("draft")
-    if lib is None:
-        return None
-    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    f64 = ctypes.c_double
-    # The entry points called from Python (tasc_lookup and tasc_context_rows are C-internal).
-    lib.tasc_walk.argtypes = [p, i32, i32, f64, p, p]
-    lib.tasc_lookup_levels.argtypes = [p, p, p, p, i32, p, p, i64, i32, i32, p, p]
-    lib.tasc_corpus_draft.argtypes = [p, p, p, p, i32, p, p, i64, i32, i32, f64, p, p, p]
-    lib.tasc_context_draft.argtypes = [p, p, i64, p, i32, i32, i32, f64, i32, p, p, p, p]
-    for fn in (lib.tasc_walk, lib.tasc_lookup_levels, lib.tasc_corpus_draft, lib.tasc_context_draft):
-        fn.restype = i32
-    return lib
 
 
 def walk_continuations_numpy(cont: np.ndarray, max_len: int, prior: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -226,13 +204,9 @@ class BoundDraft:
         self._padded = np.concatenate([self.tokens, np.full(64, SEP, dtype=np.int32)])
         for n in self.levels:
             self._index_level(n)
-        # Addresses for the compiled lookup (the arrays are never reallocated).
-        self._key_addr = np.array([self.keys[n].ctypes.data for n in self.levels], dtype=np.uint64)
-        self._end_addr = np.array([self.order[n].ctypes.data for n in self.levels], dtype=np.uint64)
-        self._nks = np.array([len(self.keys[n]) for n in self.levels], dtype=np.int64)
-        self._levels = np.array(self.levels, dtype=np.int32)
-        self._padded_addr = self._padded.ctypes.data
-        self._addrs = tuple(a.ctypes.data for a in (self._key_addr, self._end_addr, self._nks, self._levels))
+        # The index as the compiled lookups read it (the arrays are never reallocated).
+        self._native = draft_kernels.NgramIndex([self.keys[n] for n in self.levels],
+                                                [self.order[n] for n in self.levels], self.levels, self._padded)
 
     @classmethod
     def from_corpus(cls, draft: DraftCorpus, tokenizer, **kw) -> BoundDraft:
@@ -270,16 +244,27 @@ class BoundDraft:
         empty (0, max_len) array with n = 0. At most ``max_rows`` rows: more occurrences are
         thinned to an even spread (the i-th of them at lo + i * (hits - 1) // (max_rows - 1)).
         Runs kernels/draft.c where available, else :meth:`continuations_numpy` (same rows)."""
-        lib = _draft_kernels()
-        if lib is None:
+        if draft_kernels.library() is None:
             return self.continuations_numpy(context, max_len)
-        context = np.ascontiguousarray(context, dtype=np.int64)
         out = np.empty((self.max_rows, max_len), dtype=np.int64)
-        matched = ctypes.c_int(0)
-        rows = lib.tasc_lookup_levels(*self._addrs, len(self.levels), self._padded_addr,
-                                      context.ctypes.data, len(context), self.max_rows, max_len, out.ctypes.data,
-                                      ctypes.byref(matched))
-        return out[:rows], matched.value
+        rows, matched = draft_kernels.lookup(self._native, np.ascontiguousarray(context, dtype=np.int64), out)
+        return out[:rows], matched
+
+    def propose(self, context: np.ndarray, max_len: int, prior: float = 1.0,
+                scratch: draft_kernels.Scratch | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The task draft after ``context`` (int64 (L,)): the walk down its :meth:`continuations`
+        (:func:`walk_continuations`), as (tokens int64 (k,), probs float64 (k,)), k <= max_len.
+
+        Compiled, lookup and walk are one call over at most ``draft_kernels.ROWS`` rows, into
+        ``scratch`` (width ``max_len``; a caller that proposes step after step passes its own)."""
+        if draft_kernels.library() is None:
+            rows, _ = self.continuations(context, max_len)
+            return walk_continuations(rows, max_len, prior=prior)
+        if scratch is None or scratch.width != max_len:
+            scratch = draft_kernels.Scratch(max_len)
+        k = draft_kernels.corpus_draft(self._native, np.ascontiguousarray(context, dtype=np.int64),
+                                       min(self.max_rows, draft_kernels.ROWS), prior, scratch)
+        return scratch.result(k)
 
     def continuations_numpy(self, context: np.ndarray, max_len: int) -> tuple[np.ndarray, int]:
         """The reference of :meth:`continuations`."""

@@ -7,11 +7,14 @@ since every emitted token is the model's own argmax given the accepted prefix. W
 temperature, drafts are accepted by the rule that preserves the model's distribution
 (a draft token d is kept with probability p(d); on rejection the token is drawn from p
 with d removed).
+
+The forward passes go through a tasc.accel.backend step object (prefill, k-token step, argmax,
+crop), so this module holds the algorithm only; which kernels run is the backend's business.
+Every entry point takes the backend (``LoadedModel.backend``) or a plain torch model.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,10 +22,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from tasc.accel.backend import Backend, Steps
+from tasc.data.prompts import Row, encode_prompts
 from tasc.decode.draft import BoundDraft
 from tasc.decode.proposer import Proposer, ProposerConfig, new_trust
 
 METHODS = ("greedy", "tasc-spec")
+_NO_DRAFT = np.empty(0, dtype=np.int64)
 
 
 @dataclass
@@ -31,6 +37,12 @@ class DecodeConfig:
     stop: tuple[str, ...] = ()
     temperature: float = 0.0  # 0 = greedy
     seed: int = 0
+
+    def __post_init__(self):
+        # decode() sizes its buffers by max_new_tokens: a huge or negative one must not get that far.
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"max_new_tokens must be a whole number >= 1; got {n!r}")
 
 
 @dataclass
@@ -56,16 +68,6 @@ class Output:
     stats: RequestStats = field(default_factory=RequestStats)
 
 
-def render_prompt(tokenizer, prompt: str, system_prompt: str | None = None, chat_template: bool = True) -> str:
-    """The exact text fed to the model: the chat template with a generation prompt, or the raw prompt."""
-    if not chat_template or not getattr(tokenizer, "chat_template", None):
-        return prompt
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": prompt}
-    ]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 def eos_ids(model, tokenizer) -> set[int]:
     ids = set()
     for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
@@ -74,66 +76,6 @@ def eos_ids(model, tokenizer) -> set[int]:
         elif src:
             ids.update(int(i) for i in src)
     return ids
-
-
-class _Forward:
-    """One call site for the model's forward that counts passes and hides the cache kwarg name.
-
-    Runs tasc.accel.lean_decoder where speed_up attached one (same hidden states bitwise, a cache of
-    preallocated buffers), else the model's own forward with a DynamicCache."""
-
-    def __init__(self, model):
-        self.model = model
-        self.passes = 0
-        # tasc.accel.argmax_head.ArgmaxHead / tasc.accel.lean_decoder.LeanDecoder where
-        # load_model(kernels="auto") attached them.
-        self.head = getattr(model, "_tasc_argmax_head", None)
-        self.lean = getattr(model, "_tasc_lean", None)
-        if self.lean is not None:
-            self.lean.refresh()  # weights may have changed since the last request
-            self.cache = self.lean.new_cache()
-            return
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=model.config)
-        params = inspect.signature(model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        if self.head is not None:
-            params = inspect.signature(model.base_model.forward).parameters
-            self.base_cache_kw = "cache" if "cache" in params else "past_key_values"
-
-    @torch.inference_mode()
-    def __call__(self, ids: Sequence[int], keep: int) -> torch.Tensor:
-        """ids: the new tokens; returns float logits (keep, V) of the last ``keep`` positions."""
-        self.passes += 1
-        if self.lean is not None:
-            hidden = self.lean.forward(list(ids), self.cache)
-            return self.model.get_output_embeddings()(hidden[-keep:]).float()
-        x = torch.as_tensor([list(ids)], dtype=torch.long, device=self.model.device)
-        kw = {self.cache_kw: self.cache}
-        out = self.model(input_ids=x, use_cache=True, logits_to_keep=keep, **kw)
-        return out.logits[0, -keep:].float()
-
-    @torch.inference_mode()
-    def predict(self, ids: Sequence[int], keep: int) -> list[int]:
-        """ids: the new tokens; returns the greedy next token after each of the last ``keep``.
-
-        With an exact argmax head, the decoder stack runs without the LM head and the head
-        picks the argmax from its int8 screen (the same ids as the argmax of the logits)."""
-        if self.head is None or keep > self.head.max_rows:
-            return self(ids, keep).argmax(dim=-1).tolist()
-        self.passes += 1
-        if self.lean is not None:
-            hidden = self.lean.forward(list(ids), self.cache)[-keep:]
-        else:
-            x = torch.as_tensor([list(ids)], dtype=torch.long, device=self.model.device)
-            out = self.model.base_model(input_ids=x, use_cache=True, **{self.base_cache_kw: self.cache})
-            hidden = out.last_hidden_state[0, -keep:]
-        return self.head(hidden.numpy()).tolist()
-
-    def crop(self, n_remove: int) -> None:
-        if n_remove > 0:
-            self.cache.crop(-n_remove)
 
 
 def first_stop(tokenizer, ids: list[int], start: int, stop: tuple[str, ...]) -> int | None:
@@ -175,24 +117,32 @@ def verify_draft(logits: torch.Tensor, draft: np.ndarray, temperature: float, ge
     return k, int(torch.multinomial(probs[k], 1, generator=gen).item())
 
 
+def verify_step(steps: Steps, ids: list[int], draft: np.ndarray, temperature: float,
+                gen: torch.Generator | None) -> tuple[int, int]:
+    """One forward pass over ``ids`` (the last token then ``draft``, or the prompt with an empty
+    draft) and the verdict on the draft: (n_accepted, next token). Greedy needs only the argmax,
+    which the exact argmax head gives without computing most of the logits."""
+    keep = len(draft) + 1
+    if temperature <= 0:
+        return accept_greedy(steps.argmax(ids, keep), draft)
+    return verify_draft(steps.step(ids, keep), draft, temperature, gen)
+
+
 @torch.inference_mode()
 def decode(model, tokenizer, prompt_ids: list[int], proposer: Proposer | None, cfg: DecodeConfig) -> Output:
-    """Decode one request. proposer=None gives plain greedy (or plain sampling)."""
+    """Decode one request: propose a draft, verify it in one forward pass, keep the agreeing
+    prefix and the model's own next token. proposer=None gives plain greedy (or plain sampling).
+
+    model: a tasc.accel.backend.Backend (``LoadedModel.backend``) or a torch model, whose
+    backend ``Backend.for_model`` finds."""
     t0 = time.perf_counter()
+    backend = Backend.for_model(model)
+    steps = backend.start()
     stats = RequestStats(prompt_tokens=len(prompt_ids))
-    stops, gen = eos_ids(model, tokenizer), None
-    if cfg.temperature > 0:
-        gen = torch.Generator().manual_seed(cfg.seed)
-    fwd = _Forward(model)
-    greedy = cfg.temperature <= 0
-
-    def verify(ids: list[int], draft: np.ndarray) -> tuple[int, int]:
-        if greedy:  # argmax only: the exact argmax head can skip most of the logits
-            return accept_greedy(fwd.predict(ids, keep=len(draft) + 1), draft)
-        return verify_draft(fwd(ids, keep=len(draft) + 1), draft, cfg.temperature, gen)
-
-    # Step 0: prefill the prompt; only the last position's logits are needed.
-    _, tok = verify(prompt_ids, np.empty(0, dtype=np.int64))
+    stops = eos_ids(backend.model, tokenizer)
+    gen = torch.Generator().manual_seed(cfg.seed) if cfg.temperature > 0 else None
+    # Step 0: prefill the prompt; only the last position's prediction is needed.
+    _, tok = verify_step(steps, prompt_ids, _NO_DRAFT, cfg.temperature, gen)
     out: list[int] = [tok]
     ctx = np.empty(len(prompt_ids) + cfg.max_new_tokens + 64, dtype=np.int64)
     ctx[: len(prompt_ids)] = prompt_ids
@@ -209,7 +159,7 @@ def decode(model, tokenizer, prompt_ids: list[int], proposer: Proposer | None, c
         if cfg.stop and first_stop(tokenizer, out, len(out) - 1, cfg.stop) is not None:
             break
         # Step 2: propose a draft (possibly empty) from the task and context n-grams.
-        draft = probs = np.empty(0, dtype=np.int64)
+        draft = probs = _NO_DRAFT
         if proposer is not None:
             tp = time.perf_counter()
             draft, probs = proposer.propose(ctx[:n_ctx])
@@ -218,10 +168,10 @@ def decode(model, tokenizer, prompt_ids: list[int], proposer: Proposer | None, c
             stats.propose_s += time.perf_counter() - tp
         # Steps 3-4: one forward pass over [last token, draft...] verifies the whole draft;
         # accept the longest agreeing prefix plus the model's own next token.
-        n_acc, tok = verify([out[-1], *draft.tolist()], draft)
+        n_acc, tok = verify_step(steps, [out[-1], *draft.tolist()], draft, cfg.temperature, gen)
         new = [*draft[:n_acc].tolist(), tok]
         # Step 5: roll the KV cache back over the rejected draft tokens.
-        fwd.crop(len(draft) - n_acc)
+        steps.crop(len(draft) - n_acc)
         if len(draft):
             stats.draft_steps += 1
             stats.drafted += len(draft)
@@ -239,27 +189,52 @@ def decode(model, tokenizer, prompt_ids: list[int], proposer: Proposer | None, c
                 break
         ctx[n_ctx : n_ctx + len(new)] = new
         n_ctx += len(new)
+    stats.forward_passes = steps.passes
+    return _finish(tokenizer, out, stats, cfg, t0)
+
+
+def _finish(tokenizer, out: list[int], stats: RequestStats, cfg: DecodeConfig, t0: float) -> Output:
     text = tokenizer.decode(out, skip_special_tokens=True)
     if cfg.stop:
         text = cut_at_stop(text, cfg.stop)
     stats.new_tokens = len(out)
     stats.chars = len(text)
-    stats.forward_passes = fwd.passes
     stats.latency_s = time.perf_counter() - t0
     return Output(text=text, token_ids=out, stats=stats)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], system_prompt: str | None, chat_template: bool) -> list[list[int]]:
-    texts = [render_prompt(tokenizer, p, system_prompt, chat_template) for p in prompts]
-    # The chat template already holds any special tokens the model expects.
-    add_special = not (chat_template and getattr(tokenizer, "chat_template", None))
-    return tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+def context_length(model) -> int | None:
+    """The most tokens (prompt and new ones) the model's positions cover, from its config;
+    None when the config does not say. ``model``: a Backend or a torch model."""
+    config = getattr(Backend.for_model(model).model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_fits(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, context: int | None) -> None:
+    """Every prompt plus ``max_new_tokens`` fits the model's ``context`` (None: no limit known).
+
+    Past it the positions are ones the model never saw, and the time and memory grow with the
+    prompt; a ValueError naming the prompt's index and the limit says what to shorten."""
+    if context is None:
+        return
+    if max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{context} tokens; ask for at most {context - 1}")
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) + max_new_tokens > context:
+            raise ValueError(f"prompt {i} is {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                             f"model's context of {context} tokens: shorten it to at most "
+                             f"{context - max_new_tokens} tokens or lower max_new_tokens")
 
 
 def generate(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[Row],
     draft: BoundDraft | None = None,
     method: str = "tasc-spec",
     config: DecodeConfig | None = None,
@@ -268,7 +243,8 @@ def generate(
     proposer_config: ProposerConfig | None = None,
     cost: Sequence[float] | None = None,
 ) -> list[Output]:
-    """Generate one completion per prompt.
+    """Generate one completion per prompt: a plain string or a corpus row, whose ``system``
+    and ``messages`` columns are honoured (tasc.data.prompts).
 
     method "greedy" decodes plainly; "tasc-spec" drafts from ``draft`` (task n-grams; may be
     None for context n-grams only) and verifies. ``cost`` is the verify-cost table from
@@ -277,10 +253,13 @@ def generate(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     cfg = config or DecodeConfig()
+    backend = Backend.for_model(model)
+    encoded = encode_prompts(tokenizer, prompts, system_prompt, chat_template)
+    check_fits(encoded, cfg.max_new_tokens, context_length(backend))  # all of them, before any work
     results, trust = [], new_trust()  # the prompts' proposers share their calibration
-    for ids in encode_prompts(tokenizer, prompts, system_prompt, chat_template):
+    for ids in encoded:
         proposer = Proposer(draft, proposer_config, cost, trust) if method == "tasc-spec" else None
-        results.append(decode(model, tokenizer, ids, proposer, cfg))
+        results.append(decode(backend, tokenizer, ids, proposer, cfg))
     return results
 
 
@@ -292,19 +271,20 @@ def measure_verify_cost(model, max_len: int = 17, context: int = 160, reps: int 
     the fastest of ``reps`` runs per length (interference only ever adds time), interleaved so
     drift hits all lengths alike. A k-token pass is capped at the cost of k one-token passes,
     so one stalled measurement cannot switch drafting off."""
-    fwd = _Forward(model)
-    vocab = model.get_input_embeddings().weight.shape[0]
+    backend = Backend.for_model(model)
+    steps = backend.start()
+    vocab = backend.model.get_input_embeddings().weight.shape[0]
     rng = np.random.default_rng(0)
-    fwd(rng.integers(0, vocab, context).tolist(), keep=1)
+    steps.prefill(rng.integers(0, vocab, context).tolist())
     lengths = sorted({1, 2, 3, 4, 6, 8, 12, max_len} & set(range(1, max_len + 1)))
     times: dict[int, list[float]] = {m: [] for m in lengths}
     for _ in range(reps + 1):
         for m in lengths:
             ids = rng.integers(0, vocab, m).tolist()
             t = time.perf_counter()
-            fwd.predict(ids, keep=m)  # the greedy path decode takes
+            steps.argmax(ids, keep=m)  # the greedy path decode takes
             times[m].append(time.perf_counter() - t)
-            fwd.crop(m)
+            steps.crop(m)
     best = np.array([np.min(times[m][1:]) for m in lengths])
     cost = np.interp(np.arange(max_len + 1), lengths, best / best[0])
     cost = np.minimum(np.maximum.accumulate(cost), np.arange(max_len + 1, dtype=np.float64))

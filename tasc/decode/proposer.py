@@ -18,13 +18,13 @@ pair means "no draft: take a plain one-token step". Three gates decide k:
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from tasc.decode.draft import CONTEXT_LEVELS, SEP, BoundDraft, _draft_kernels, walk_continuations
+from tasc.accel import draft_kernels
+from tasc.decode.draft import CONTEXT_LEVELS, SEP, BoundDraft, walk_continuations
 
 _EMPTY = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
 
@@ -108,7 +108,7 @@ class Proposer:
         self._ctx_index: dict[int, dict[tuple, list[int]]] = {int(n): {} for n in self._levels}
         self._fold_index: dict[int, dict[tuple, list[int]]] = {int(n): {} for n in self._levels}
         self._span = 0  # match length of the last context lookup (see ProposerConfig.context_span)
-        self._buf = None  # scratch arrays of the compiled path
+        self._scratch = draft_kernels.Scratch(self.config.max_len)  # the compiled path's buffers
         self.proposed = 0
         self.accepted = 0
 
@@ -118,19 +118,12 @@ class Proposer:
         best = _EMPTY
         best_value = 0.0
         use_corpus = cfg.use_corpus and self.draft is not None and self.draft.num_tokens
-        lib = _draft_kernels()
         context = np.ascontiguousarray(context, dtype=np.int64)
-        if lib is not None:  # each source's lookup and walk in one compiled call
-            sources = self._native_drafts(lib, context, use_corpus)
-        else:
-            sources = []
-            if use_corpus:
-                rows, _ = self.draft.continuations(context, cfg.max_len)
-                sources.append(("corpus", walk_continuations(rows, cfg.max_len, prior=cfg.corpus_prior)))
-            if cfg.use_context:
-                name, rows, n = self._context_rows(context)
-                prior = cfg.context_prior * (n / self._span if cfg.context_span and self._span else 1.0)
-                sources.append((name, walk_continuations(rows, cfg.max_len, prior=prior)))
+        sources = []
+        if use_corpus:
+            sources.append(("corpus", self.draft.propose(context, cfg.max_len, cfg.corpus_prior, self._scratch)))
+        if cfg.use_context:
+            sources.append(self._context_draft(context))
         chain = None  # cumulative product of the chosen probs: P(first i all accepted)
         for name, (toks, probs) in sources:
             if not len(toks):
@@ -154,38 +147,25 @@ class Proposer:
             self._fold = fold = np.concatenate([fold, np.arange(len(fold), int(context.max()) + 1)])
         return fold[context]
 
-    def _native_drafts(self, lib, context: np.ndarray, use_corpus: bool) -> list:
-        """[(source, (tokens, probs))] from kernels/draft.c, the same as the numpy path."""
-        cfg, width = self.config, self.config.max_len
-        if self._buf is None:  # scratch rows and outputs, reused from step to step
-            rows = np.empty((64, width), dtype=np.int64)
-            toks, probs = np.empty(width, dtype=np.int64), np.empty(width, dtype=np.float64)
-            self._buf = (rows, toks, probs, rows.ctypes.data, toks.ctypes.data, probs.ctypes.data)
-        rows, toks, probs, rows_at, toks_at, probs_at = self._buf
-        ctx_at = context.ctypes.data
-        out = []
-        if use_corpus:
-            d = self.draft
-            key_at, end_at, nks_at, levels_at = d._addrs
-            k = lib.tasc_corpus_draft(key_at, end_at, nks_at, levels_at, len(d.levels), d._padded_addr, ctx_at,
-                                      len(context), min(d.max_rows, 64), width, cfg.corpus_prior, rows_at, toks_at,
-                                      probs_at)
-            out.append(("corpus", (toks[:k].copy(), probs[:k].copy())))
-        if cfg.use_context:
-            span = ctypes.c_int(0)
-            # Ids as they are first; the folded keys (computed only then) when those match nothing.
-            name, k = "context", 0
-            for source in ("context", "fold") if self._fold is not None else ("context",):
-                keys = context if source == "context" else self._match_keys(context)
-                k = lib.tasc_context_draft(ctx_at, keys.ctypes.data, len(context), self._levels.ctypes.data,
-                                           len(self._levels), 16, width, cfg.context_prior, int(cfg.context_span),
-                                           rows_at, toks_at, probs_at, ctypes.byref(span))
-                if k:  # k == 0 only when no row matched (every row starts with a real token)
-                    name = source
-                    break
-            self._span = span.value
-            out.append((name, (toks[:k].copy(), probs[:k].copy())))
-        return out
+    def _context_draft(self, context: np.ndarray) -> tuple[str, tuple[np.ndarray, np.ndarray]]:
+        """(source, (tokens, probs)): the walk over the context rows, the ids matched as they are
+        ("context") and, only when those match nothing, as their folded keys ("fold"). Compiled,
+        one scan of the whole context per pass; else the incremental index of _context_rows
+        (the same rows)."""
+        cfg = self.config
+        if draft_kernels.library() is None:
+            name, rows, n = self._context_rows(context)
+            prior = cfg.context_prior * (n / self._span if cfg.context_span and self._span else 1.0)
+            return name, walk_continuations(rows, cfg.max_len, prior=prior)
+        name, k = "context", 0
+        for source in ("context", "fold") if self._fold is not None else ("context",):
+            keys = context if source == "context" else self._match_keys(context)  # folded only when needed
+            k, self._span = draft_kernels.context_draft(context, keys, self._levels, 16, cfg.context_prior,
+                                                        cfg.context_span, self._scratch)
+            if k:  # k == 0 only when no row matched (every row starts with a real token)
+                name = source
+                break
+        return name, self._scratch.result(k)
 
     def _context_rows(self, context: np.ndarray) -> tuple[str, np.ndarray, int]:
         """Prompt-lookup rows: what followed earlier occurrences of the context's own suffix,

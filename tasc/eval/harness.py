@@ -1,7 +1,8 @@
 """Benchmark harness: methods side by side in one process, interleaved per sample.
 
-A method is a name plus a ``Runner``: a callable that takes a prompt string and returns an
-``engine.Output``. Every method sees the same prompts in the same process, with the same
+A method is a name plus a ``Runner``: a callable that takes a corpus row (rendered by
+tasc.data.prompts, so a chat row's ``system`` and earlier ``messages`` count) and returns an
+``engine.Output``. Every method sees the same rows in the same process, with the same
 dtype, threads and kernels; the order of methods rotates from sample to sample so that
 drift (thermal, other load) hits all of them alike. After a warm-up, each sample runs once
 per method.
@@ -25,10 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tasc import progress_bar
+from tasc.data.prompts import Row
 from tasc.decode.engine import Output, RequestStats
 from tasc.eval.metrics import score_many
 
-Runner = Callable[[str], Output]
+Runner = Callable[[Row], Output]
 
 
 @dataclass
@@ -110,30 +113,37 @@ def spread_sample(frame, limit: int | None):
 
 def run_benchmark(
     methods: Sequence[Method],
-    prompts: Sequence[str],
     rows: Sequence[Mapping],
     metric: str,
     ids: Sequence[str] | None = None,
     warmup: int = 2,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Run every method on every prompt, interleaved, and build the report dict.
+    """Run every method on every row, interleaved, and build the report dict.
 
-    rows: corpus rows (``completion`` and extras) for the task metric. The first method
-    named "greedy", if any, is the reference for ``identical_to_greedy`` and the ratios."""
-    ids = list(ids) if ids is not None else [str(i) for i in range(len(prompts))]
-    for p in list(prompts)[:warmup]:
-        for m in methods:
-            m.run(p)
-    outs: dict[str, list[Output]] = {m.name: [None] * len(prompts) for m in methods}  # type: ignore[list-item]
-    for i, p in enumerate(prompts):
-        k = i % len(methods)
-        for m in list(methods[k:]) + list(methods[:k]):  # rotate the order per sample
-            outs[m.name][i] = m.run(p)
-        if progress:
-            progress(i + 1, len(prompts))
+    rows: corpus rows, the methods' input (``prompt``, optional ``system`` and ``messages``)
+    and the task metric's reference (``completion`` and extras). The first method named
+    "greedy", if any, is the reference for ``identical_to_greedy`` and the ratios."""
+    rows = list(rows)
+    ids = list(ids) if ids is not None else [str(i) for i in range(len(rows))]
+    outs: dict[str, list[Output]] = {m.name: [None] * len(rows) for m in methods}  # type: ignore[list-item]
+    # One bar over every request, warm-up ones included (they take as long as the others).
+    with progress_bar(len(methods) * (len(rows[:warmup]) + len(rows)), desc="benchmark", unit="req") as bar:
+        for row in rows[:warmup]:
+            for m in methods:
+                bar.set_postfix_str(f"warm-up {m.name}")
+                m.run(row)
+                bar.update()
+        for i, row in enumerate(rows):
+            k = i % len(methods)
+            for m in list(methods[k:]) + list(methods[:k]):  # rotate the order per sample
+                bar.set_postfix_str(m.name)
+                outs[m.name][i] = m.run(row)
+                bar.update()
+            if progress:
+                progress(i + 1, len(rows))
     greedy = outs.get("greedy")
-    report: dict = {"metric_name": metric, "samples": len(prompts), "methods": {}, "speedup_vs_greedy": {}}
+    report: dict = {"metric_name": metric, "samples": len(rows), "methods": {}, "speedup_vs_greedy": {}}
     for m in methods:
         texts = [o.text for o in outs[m.name]]
         scores = score_many(metric, texts, rows)
@@ -145,7 +155,7 @@ def run_benchmark(
             report["speedup_vs_greedy"][name] = entry["chars_per_s"] / base if base else None
     report["per_sample"] = [
         {"id": ids[i], **{m.name: {"text": outs[m.name][i].text, **outs[m.name][i].stats.to_dict()} for m in methods}}
-        for i in range(len(prompts))
+        for i in range(len(rows))
     ]
     return report
 
@@ -158,8 +168,8 @@ def ratio(report: dict, a: str, b: str) -> float | None:
     return ma["chars_per_s"] / mb["chars_per_s"]
 
 
-def _fmt(v, spec: str = ".2f") -> str:
-    return "-" if v is None else format(v, spec)
+def _fmt(v, fmt: str = ".2f") -> str:
+    return "-" if v is None else format(v, fmt)
 
 
 def markdown_table(report: dict) -> str:

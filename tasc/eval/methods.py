@@ -7,7 +7,8 @@
   model, cost-gated with the measured verify-cost table.
 * ``ft-only`` / ``tasc-ft``: greedy with the fine-tuned model (base vocabulary) / with the
   TASC-ft model (expanded vocabulary); ``tasc-ft+spec``: TASC-spec on the TASC-ft model.
-Each runner renders the prompt with the task's chat template and returns an engine.Output.
+Each runner takes a corpus row (or a plain prompt), renders it with tasc.data.prompts (the
+task's chat template, the row's ``system`` and earlier ``messages``) and returns an engine.Output.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from tasc.data.prompts import Row, encode_prompts
 from tasc.decode.draft import BoundDraft
-from tasc.decode.engine import DecodeConfig, Output, RequestStats, decode, encode_prompts, eos_ids
+from tasc.decode.engine import DecodeConfig, Output, RequestStats, decode, eos_ids
 from tasc.decode.proposer import Proposer, ProposerConfig, new_trust
 
 
@@ -50,8 +52,8 @@ def engine_runner(lm, cfg: DecodeConfig, system_prompt: str | None, chat_templat
     of one runner share their calibration (see tasc.decode.proposer)."""
     trust = new_trust()
 
-    def run(prompt: str) -> Output:
-        ids = encode_prompts(lm.tokenizer, [prompt], system_prompt, chat_template)[0]
+    def run(row: Row) -> Output:
+        ids = encode_prompts(lm.tokenizer, [row], system_prompt, chat_template)[0]
         proposer = Proposer(draft, proposer_config, cost, trust) if speculative else None
         return decode(lm.model, lm.tokenizer, ids, proposer, cfg)
 
@@ -64,9 +66,9 @@ def pld_runner(lm, cfg: DecodeConfig, system_prompt: str | None, chat_template: 
     stops = sorted(eos_ids(lm.model, lm.tokenizer))
 
     @torch.inference_mode()
-    def run(prompt: str) -> Output:
+    def run(row: Row) -> Output:
         t0 = time.perf_counter()
-        ids = encode_prompts(lm.tokenizer, [prompt], system_prompt, chat_template)[0]
+        ids = encode_prompts(lm.tokenizer, [row], system_prompt, chat_template)[0]
         x = torch.tensor([ids], device=lm.model.device)
         kw = {"stop_strings": list(cfg.stop), "tokenizer": lm.tokenizer} if cfg.stop else {}
         with counter:
@@ -94,8 +96,41 @@ def verify_cost_summary(cost: np.ndarray) -> dict:
     return {f"V{k}": float(cost[k]) for k in (2, 4, 8, 16) if k < len(cost)}
 
 
-METHOD_NAMES = ("greedy", "pld", "tasc-spec", "tasc-spec-ref", "context-only", "ft-only", "tasc-ft", "tasc-ft+spec")
+METHOD_NAMES = ("greedy", "pld", "tasc-spec", "tasc-spec-ref", "context-only", "ft-only", "tasc-ft", "tasc-ft+spec",
+                "llama.cpp", "llama.cpp-lookup")
+# Peers run by llama.cpp on the model's GGUF file (tasc.eval.llamacpp), not by tasc's engine.
+LLAMA_CPP_METHODS = ("llama.cpp", "llama.cpp-lookup")
 MODEL_OF = {"ft-only": "ft-only", "tasc-ft": "tasc-ft", "tasc-ft+spec": "tasc-ft"}
+
+
+def parse_methods(methods: str) -> list[str]:
+    """A comma-separated list of method names: ``"greedy, pld,tasc-spec"`` -> three names."""
+    return [m.strip() for m in methods.split(",") if m.strip()]
+
+
+def base_method(name: str) -> str:
+    """The method without its proposer settings: ``tasc-spec@max_len=24`` -> ``tasc-spec``."""
+    return name.split("@", 1)[0]
+
+
+def needs_draft(name: str) -> bool:
+    """The method verifies a task draft (tasc-spec, tasc-spec-ref, tasc-ft+spec) or builds its
+    lookup cache from one (llama.cpp-lookup), so the benchmark needs drafts built for it."""
+    base = base_method(name)
+    return base.startswith("tasc-spec") or base.endswith("+spec") or base == "llama.cpp-lookup"
+
+
+def needs_ft_draft(name: str) -> bool:
+    """The method verifies with the TASC-ft model: its draft is bound to that model's expanded
+    tokenizer and is best built from that model's own outputs."""
+    base = base_method(name)
+    return base.endswith("+spec") and MODEL_OF.get(base) == "tasc-ft"
+
+
+def registered_method(tasc_ft: bool) -> str:
+    """The benchmark method whose numbers a registered model carries: TASC-spec on the model
+    that is registered (the TASC-ft one when there is one)."""
+    return "tasc-ft+spec" if tasc_ft else "tasc-spec"
 
 
 def _other_model(name: str, models: dict | None):
@@ -122,7 +157,8 @@ def _method_options(name: str) -> tuple[str, ProposerConfig | None]:
 
 
 def build_methods(names: Sequence[str], lm, cfg: DecodeConfig, system_prompt: str | None, chat_template: bool,
-                  drafts: dict[str, BoundDraft | None], cost: Sequence[float], models: dict | None = None) -> list:
+                  drafts: dict[str, BoundDraft | None], cost: Sequence[float], models: dict | None = None,
+                  llama_cpp: dict | None = None) -> list:
     """Benchmark methods by name over one loaded model, plus TASC-ft models.
 
     drafts: bound drafts by role, "main" (on-policy where available), "references" and
@@ -133,7 +169,10 @@ def build_methods(names: Sequence[str], lm, cfg: DecodeConfig, system_prompt: st
     ``tasc-ft+spec`` verifies the "tasc-ft" draft with the tasc-ft model (lossless).
 
     A speculative method may carry proposer settings after ``@``, to compare them side by side:
-    ``tasc-spec@context_prior=0.1@max_len=24`` (fields of ProposerConfig)."""
+    ``tasc-spec@context_prior=0.1@max_len=24`` (fields of ProposerConfig).
+
+    llama_cpp: for the llama.cpp peers, ``bin_dir``, ``gguf``, ``threads`` and, for
+    ``llama.cpp-lookup``, ``static_cache`` (see tasc.eval.llamacpp)."""
     from tasc.eval.harness import Method
 
     made = []
@@ -141,9 +180,20 @@ def build_methods(names: Sequence[str], lm, cfg: DecodeConfig, system_prompt: st
         base, pc = _method_options(name)
         if base in MODEL_OF:
             other = _other_model(base, models)
-            spec = base.endswith("+spec")
+            speculative = base.endswith("+spec")
             made.append(Method(name, engine_runner(other, cfg, system_prompt, chat_template,
-                                                   drafts.get("tasc-ft") if spec else None, cost, pc, speculative=spec)))
+                                                   drafts.get("tasc-ft") if speculative else None, cost, pc,
+                                                   speculative=speculative)))
+            continue
+        if base in LLAMA_CPP_METHODS:
+            from tasc.eval.llamacpp import LlamaCppRunner
+
+            if not llama_cpp:
+                raise ValueError(f"method {name!r} needs llama.cpp and the model's GGUF file")
+            cache = llama_cpp["static_cache"] if base == "llama.cpp-lookup" else None
+            made.append(Method(name, LlamaCppRunner(llama_cpp["bin_dir"], llama_cpp["gguf"], lm.tokenizer, cfg,
+                                                    system_prompt, chat_template, llama_cpp["threads"], cache),
+                               note="llama.cpp on the GGUF file; token ids not comparable"))
             continue
         if base == "greedy":
             run = engine_runner(lm, cfg, system_prompt, chat_template, speculative=False)

@@ -45,7 +45,8 @@ METRIC_DESCRIPTIONS: dict[str, str] = {
     "json_fields": "JSON field accuracy: matching flattened fields / union of reference and "
     "predicted fields (unparsable = 0)",
     "chrf": "sentence chrF (sacrebleu, character 6-grams, beta 2) scaled to 0..1",
-    "mbpp_pass": "1 if the extracted code passes all of the task's asserts in a sandbox, else 0",
+    "mbpp_pass": "1 if the extracted code, run in a sandbox, passes all of the task's asserts (the run must "
+    "reach the end of the last one; an early exit fails), else 0",
 }
 
 # ---------------------------------------------------------------- short-answer QA
@@ -230,14 +231,18 @@ def extract_code(text: str) -> str:
 def mbpp_pass(prediction: str, tests: Sequence[str], setup: str = "", timeout: float = 10.0) -> float:
     """1.0 if the code in ``prediction`` passes every assert in ``tests``, else 0.0.
 
-    The program is the extracted code, then ``setup``, then the asserts, run in
-    :func:`tasc.eval.sandbox.run_sandboxed` with ``timeout`` seconds of wall-clock time.
+    The extracted code runs as a module (not ``__main__``) in
+    :func:`tasc.eval.sandbox.run_sandboxed` with ``timeout`` seconds of wall-clock time,
+    then ``setup`` and the asserts in its namespace. A pass needs the sandbox's completion
+    token, written only after the last assert: code that exits early (``sys.exit(0)``,
+    ``os._exit(0)``, ``unittest.main()``, an ``atexit`` hook) scores 0 whatever its exit
+    status.
     """
     test_lines = _answer_list(tests)
     if not test_lines:
         raise ValueError("mbpp_pass needs at least one test")
-    program = "\n\n".join([extract_code(prediction), setup or "", "\n".join(test_lines), ""])
-    return 1.0 if run_sandboxed(program, timeout=timeout).ok else 0.0
+    checks = "\n\n".join([setup or "", "\n".join(test_lines), ""])
+    return 1.0 if run_sandboxed(extract_code(prediction), timeout=timeout, tests=checks).ok else 0.0
 
 
 # ---------------------------------------------------------------- dispatch

@@ -3,8 +3,10 @@
 A challenger replaces the champion when it is at least ``min_speedup`` times as fast (chars/s
 of its TASC method over the champion's, measured on the same test split) and its task
 metric drops by no more than ``max_metric_drop`` (absolute). With no champion yet, the
-first challenger is promoted when its metric reaches ``metric_floor`` and it does not lose
-to plain greedy decoding of the base model by more than ``max_metric_drop``.
+first challenger is promoted when its metric is not below ``metric_floor`` and it does not
+lose to plain greedy decoding of the base model by more than ``max_metric_drop``. A floor of
+0 (the default) means no floor; the reason then says so, so a first champion with a metric
+of 0 is visibly one that no floor was set for.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass
 class PromotionPolicy:
     min_speedup: float = 1.05
     max_metric_drop: float = 0.01
-    metric_floor: float = 0.0
+    metric_floor: float = 0.0  # lowest metric a first version needs; 0 (or less): no floor
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,11 @@ def decide(challenger: Scorecard, champion: Scorecard | None, policy: PromotionP
             return Decision(False, f"first version: metric {challenger.metric:.4f} is {-drop:.4f} below plain "
                                    f"greedy ({challenger.baseline_metric:.4f}), tolerance {policy.max_metric_drop}",
                             None, drop)
-        return Decision(True, f"first version: metric {challenger.metric:.4f} passes the floor "
-                              f"{policy.metric_floor:.4f}", None, drop)
+        if policy.metric_floor > 0:
+            floor = f"passes the floor {policy.metric_floor:.4f}"
+        else:
+            floor = "accepted: no metric floor is set (metric_floor=0)"
+        return Decision(True, f"first version: metric {challenger.metric:.4f} {floor}", None, drop)
     if champion.corpus_version and challenger.corpus_version and champion.corpus_version != challenger.corpus_version:
         note = f" (champion measured on corpus {champion.corpus_version}, challenger on {challenger.corpus_version})"
     else:

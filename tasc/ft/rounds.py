@@ -51,6 +51,15 @@ def plateau(history: list[dict[str, float]], min_token_gain: float = 0.02, max_m
     return gain < min_token_gain or (prev["metric"] - last["metric"]) > max_metric_drop
 
 
+def choose_round(base: dict, rounds: list[dict], max_metric_drop: float) -> dict | None:
+    """The round to keep: the last one whose task ``metric`` stayed within ``max_metric_drop``
+    of the base's (later rounds save more tokens); a round or base without a measured metric
+    counts as within. None when every round lost too much."""
+    ok = [r for r in rounds if r["metric"] is None or base["metric"] is None
+          or base["metric"] - r["metric"] <= max_metric_drop]
+    return ok[-1] if ok else None
+
+
 @dataclass(frozen=True)
 class RoundsConfig:
     rounds: int = 3
@@ -131,7 +140,7 @@ def _train(model, tokenizer, train_rows, val_rows, config: FinetuneConfig, out_d
     from transformers import AutoModelForCausalLM
 
     res = finetune(model, tokenizer, train_rows, val_rows, config, out_dir / "finetune", chat_template,
-                   system_prompt, progress=False, new_token_ids=new_token_ids)
+                   system_prompt, progress=True, new_token_ids=new_token_ids)  # bar: terminal only
     from tasc.models import pick_device
 
     trained = AutoModelForCausalLM.from_pretrained(res.checkpoint_dir).to(pick_device(config.device)).eval()
@@ -208,6 +217,6 @@ def task_metric(model, tokenizer, rows, metric: str, max_new_tokens: int, stop: 
     recs = (rows.to_dict("records") if hasattr(rows, "to_dict") else [dict(r) for r in rows])[:limit]
     if not recs or limit <= 0:
         return None
-    outs = generate(model, tokenizer, [r["prompt"] for r in recs], None, "greedy",
+    outs = generate(model, tokenizer, recs, None, "greedy",
                     DecodeConfig(max_new_tokens=max_new_tokens, stop=tuple(stop)), system_prompt, chat_template)
     return float(np.mean(score_many(metric, [o.text for o in outs], recs)))

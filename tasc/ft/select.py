@@ -41,10 +41,9 @@ class TokenizerError(ValueError):
 
 
 # New tokens per round. Each new row must learn to beat its own first piece at the argmax
-# within the round's fine-tuning budget. Measured on SNIPS with SmolLM2-135M and the CPU
-# budget (60 LoRA steps), task metric of tasc-ft against ft-only on 30 test prompts: 99
-# tokens -16.8 points, 30 tokens -5.1, 12 tokens -1.3 (41.8% fewer output tokens). Rounds
-# repeat, so more tokens come in steps, each round trained on the last.
+# within the round's fine-tuning budget; with the CPU budget, many tokens per round cost task
+# metric points (docs/performance.md). Rounds repeat, so more tokens come in steps, each
+# round trained on the last.
 TOKENS_PER_ROUND = 12
 
 

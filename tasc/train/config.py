@@ -54,8 +54,7 @@ def cpu_config(**overrides) -> FinetuneConfig:
     """Sized for a round of about 20 minutes on 2 shared CPU cores with a 135M model: LoRA on
     the attention and MLP projections plus the new embedding rows, batches of 4 sequences of
     at most 256 tokens, one torch thread (with a busy second core, two threads wait on each
-    other at every barrier and run several times slower than one). Measured with SmolLM2-135M:
-    about 7 s a step on SNIPS and 11 s on MBPP, 30-45 s per evaluation of 32 rows."""
+    other at every barrier and run several times slower than one). Step times: docs/performance.md."""
     base = FinetuneConfig(lr=1e-3, warmup_steps=5, max_steps=60, batch_size=4, grad_accum=1,
                           max_seq_len=256, eval_every=30, max_eval_rows=32, save_every=20,
                           device="cpu", lora=True, cpu_threads=1, new_token_lr=3e-3, embed_warmup_steps=10)

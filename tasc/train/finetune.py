@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from tasc import progress_bar
 from tasc.models import pick_device
 from tasc.train import distributed
 from tasc.train.config import FinetuneConfig
@@ -240,33 +241,35 @@ def _loop(run: _Training, train: list[Example], val: list[Example], state: dict[
     """Steps from the resumed one to ``max_steps``: train, log, evaluate, save. Returns the
     history (all steps, resumed ones included) and this run's input tokens per second."""
     import torch
-    from tqdm.auto import tqdm
 
     cfg, step, history = run.config, state["step"], list(state["history"])
     cuda = run.device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress or not run.world.main, desc="finetune",
-               unit="step")
-    seen, t0 = 0, time.perf_counter()
-    while step < cfg.max_steps:
-        loss, tokens = (distributed.train_step(run.ddp, train, step, cfg, pad, run.device, autocast, run.world)
-                        if run.world.active else _train_step(run.model, train, step, cfg, pad, run.device, autocast))
-        if not np.isfinite(loss):
-            raise _diverged(step + 1, f"loss is {loss}", run.good)
-        run.update(step + 1)
-        step, seen, elapsed = step + 1, seen + tokens, time.perf_counter() - t0
-        lrs = run.sched.get_last_lr()
-        entry = {"step": step, "loss": loss, "lr": lrs[0], "tokens_per_s": seen / max(elapsed, 1e-9),
-                 "elapsed_s": elapsed}
-        if len(lrs) > 1:
-            entry["lr_new_rows"] = lrs[1]
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            entry["val_loss"] = evaluate(run.model, val, cfg.batch_size, pad, run.device, autocast)
-        history.append(entry)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            run.save(step, history)
-    bar.close()
+    # progress=True shows the bar where the terminal allows (tasc.progress_bar); rank 0 only.
+    with progress_bar(cfg.max_steps, desc="finetune", unit="step", show=progress and run.world.main,
+                      initial=step) as bar:
+        seen, t0 = 0, time.perf_counter()
+        while step < cfg.max_steps:
+            if run.world.active:
+                loss, tokens = distributed.train_step(run.ddp, train, step, cfg, pad, run.device, autocast,
+                                                      run.world)
+            else:
+                loss, tokens = _train_step(run.model, train, step, cfg, pad, run.device, autocast)
+            if not np.isfinite(loss):
+                raise _diverged(step + 1, f"loss is {loss}", run.good)
+            run.update(step + 1)
+            step, seen, elapsed = step + 1, seen + tokens, time.perf_counter() - t0
+            lrs = run.sched.get_last_lr()
+            entry = {"step": step, "loss": loss, "lr": lrs[0], "tokens_per_s": seen / max(elapsed, 1e-9),
+                     "elapsed_s": elapsed}
+            if len(lrs) > 1:
+                entry["lr_new_rows"] = lrs[1]
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                entry["val_loss"] = evaluate(run.model, val, cfg.batch_size, pad, run.device, autocast)
+            history.append(entry)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                run.save(step, history)
     return history, (seen / max(time.perf_counter() - t0, 1e-9) if seen else None)

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from tasc.data.prompts import as_rows, encode_prompts
+
 # Fields of FinetuneConfig that may change when a run is resumed (extending it).
 RESUMABLE = ("max_steps", "eval_every", "save_every", "keep_checkpoints", "max_eval_rows", "device", "cpu_threads")
 
@@ -38,33 +40,12 @@ class Example:
     n_prompt: int  # labels are -100 on ids[:n_prompt]
 
 
-def _records(rows) -> list[dict[str, Any]]:
-    if hasattr(rows, "to_dict"):
-        return rows.to_dict("records")
-    return [dict(r) for r in rows]
-
-
-def render_prompt(tokenizer, row: dict[str, Any], chat_template: bool, system_prompt: str | None) -> str:
-    """The text before the completion: the chat template with a generation prompt (system
-    message, earlier turns from a ``messages`` JSON column, the prompt as user turn) or the
-    plain prompt."""
-    if not chat_template:
-        return row["prompt"]
-    # Missing values arrive as None or NaN from a DataFrame: only strings count.
-    system = row.get("system") if isinstance(row.get("system"), str) and row.get("system") else system_prompt
-    turns = [{"role": "system", "content": system}] if system else []
-    earlier = row.get("messages")
-    earlier = json.loads(earlier) if isinstance(earlier, str) and earlier else earlier
-    turns += (list(earlier) if isinstance(earlier, list) else []) + [{"role": "user", "content": row["prompt"]}]
-    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-
-
 def encode_rows(tokenizer, rows, chat_template: bool, system_prompt: str | None, max_seq_len: int) -> list[Example]:
     """Examples of at most ``max_seq_len`` ids: the prompt is cut from the left first, then
     the completion from the right (the completion keeps at least one token)."""
-    records = _records(rows)
-    prompts = [render_prompt(tokenizer, r, chat_template, system_prompt) for r in records]
-    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if records else []
+    records = as_rows(rows)
+    # The prompt ids are exactly what generation feeds the model (tasc.data.prompts).
+    p_ids = encode_prompts(tokenizer, records, system_prompt, chat_template)
     c_ids = tokenizer([r["completion"] for r in records], add_special_tokens=False)["input_ids"] if records else []
     out = []
     for p, c in zip(p_ids, c_ids, strict=True):

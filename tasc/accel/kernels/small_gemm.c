@@ -1,7 +1,7 @@
 /* Small-batch fp32 GEMM for CPU decoding: out (M, N) = x (M, K) @ W^T, W (N, K).
  *
  * Contract
- *   - W is pre-packed as Wp[N/8][K][8] (tasc.cpu_kernels.pack): each 8-column block is one
+ *   - W is pre-packed as Wp[N/8][K][8] (tasc.accel.packed.pack): each 8-column block is one
  *     contiguous run, so the weights stream from memory once, sequentially, whatever M is.
  *   - N is a multiple of 8 (pad the packed weight); out has row stride N.
  *   - Every output element is one FMA chain over k = 0..K-1 in order, so a row's result is
@@ -63,7 +63,7 @@ void tasc_small_gemm(const float *x, int M, int K, const float *Wp, int N, float
  * Contract
  *   - q is an int8 copy of W packed like Wp, (N/8, K, 8), with W[v][k] ~ scale[v] * q[v][k];
  *     coef[v] bounds |exact - approximate logit| per unit of ||x[m]||_1 (quantisation error
- *     plus the rounding of both sums; tasc.cpu_kernels.ArgmaxHead computes it in float64).
+ *     plus the rounding of both sums; tasc.accel.argmax_head.ArgmaxHead computes it in float64).
  *   - Pass 1 screens every column with the int8 copy; pass 2 recomputes in fp32, from W
  *     (N, K) row-major, every column whose bound reaches the best lower bound. A column
  *     outside that set cannot be the argmax, so the result is exact.

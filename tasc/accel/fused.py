@@ -1,0 +1,139 @@
+"""The lean decoder's decode and verify steps in one C call, for quantised weights.
+
+Run op by op from Python, a small model's step costs more in per-operation overhead than in
+arithmetic once its weights are quantised. :class:`FusedStep` hands the whole layer stack of a
+step (up to ``packed.LONG`` tokens) to ``kernels/decoder.c``: RMSNorm, the fused q/k/v, output,
+gate/up and down linears on the quantised kernel (tasc.accel.quant), rotary from the model's own
+rotary module, the KV cache writes and the row-wise attention of tasc.accel.attention. Every
+piece is row-wise, so a k-token verify step still gives bitwise the rows of k one-token steps.
+
+Where it applies: a :class:`~tasc.accel.lean_decoder.LeanDecoder` whose layer linears are all
+quantised, with RMSNorm norms (weight times x / rms), SiLU-gated MLPs, no bias but on q/k/v,
+and widths the kernel takes; :func:`make_fused_step` returns None elsewhere (the lean decoder
+then runs its torch path).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+
+import numpy as np
+import torch
+
+from tasc.accel import native, quant
+
+FUSED_MODELS = ("llama", "mistral", "qwen2")
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("qs", ctypes.c_void_p), ("sc", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("type", ctypes.c_int), ("n", ctypes.c_int)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("qkv", _Linear), ("o", _Linear),
+                ("gate_up", _Linear), ("down", _Linear)]
+
+
+@cache
+def _library():
+    lib = native.load("decoder")
+    if lib is None:
+        return None
+    ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.tasc_decoder_step.argtypes = [i32, i32, i32, i32, i32, i32, i32, f32, f32, ptr, ptr, ptr, ptr, ptr,
+                                      ptr, ptr, i32, i32, ptr, i32, i32, ptr]
+    lib.tasc_decoder_step.restype = i32
+    return lib
+
+
+def _eps(norm) -> float | None:
+    """The epsilon of an RMSNorm module computing weight * x / sqrt(mean(x^2) + eps), else None."""
+    if not type(norm).__name__.endswith("RMSNorm") or getattr(norm, "bias", None) is not None:
+        return None
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    return float(eps) if eps is not None else None
+
+
+def unsupported(lean) -> str | None:
+    """Why the fused step cannot run ``lean``'s layers, or None when it can."""
+    cfg = lean.model.config
+    if _library() is None or not quant.available() or quant.isa() is None:
+        return "no decoder kernel here"
+    if getattr(cfg, "model_type", None) not in FUSED_MODELS or getattr(cfg, "hidden_act", None) != "silu":
+        return "not a SiLU llama-family model"
+    norms = [lean.base.norm] + [n for layer in lean.base.layers for n in (layer.input_layernorm,
+                                                                          layer.post_attention_layernorm)]
+    if any(_eps(n) is None for n in norms) or len({_eps(n) for n in norms}) != 1:
+        return "norms other than one RMSNorm"
+    if lean.head_dim % 8 or cfg.hidden_size % 8:
+        return "widths the kernel does not take"
+    for layer in lean.layers:
+        if any(g.quant is None for g in layer.groups()):
+            return "linears not all quantised"
+        if any(g.bias is not None for g in (layer.o, layer.gate_up, layer.down)):
+            return "biases outside q/k/v"
+    return None
+
+
+class FusedStep:
+    """One call of ``kernels/decoder.c`` per decode or verify step of a :class:`LeanDecoder`."""
+
+    def __init__(self, lean):
+        cfg = lean.model.config
+        self.lean = lean
+        self.eps = _eps(lean.base.norm)
+        self.scale = float(lean.layers[0].attn.scaling)
+        self.hidden, self.ffn = cfg.hidden_size, lean.layers[0].gate_up.quant.n // 2
+        self.mm = ctypes.cast(quant.library().tasc_quant_matmul, ctypes.c_void_p).value
+        self.isa = quant.ISAS.index(quant.isa())
+        self.stamps = None
+        self.refresh()
+
+    def _linear(self, group) -> _Linear:
+        qs, sc = group.quant.packed()
+        bias = group.bias.contiguous() if group.bias is not None else None
+        self._keep.append(bias)
+        return _Linear(qs.ctypes.data, sc.ctypes.data, bias.data_ptr() if bias is not None else None,
+                       quant.TYPES[group.quant.fmt], group.quant.n)
+
+    def refresh(self) -> None:
+        """Rebuild the layer table after the lean decoder re-fused changed weights."""
+        stamps = [id(g.quant) for layer in self.lean.layers for g in layer.groups()]
+        if stamps == self.stamps:
+            return
+        self._keep = []  # tensors the table points into
+        layers = (_Layer * len(self.lean.layers))()
+        for i, (mine, theirs) in enumerate(zip(self.lean.layers, self.lean.base.layers, strict=False)):
+            n1, n2 = theirs.input_layernorm.weight.detach(), theirs.post_attention_layernorm.weight.detach()
+            self._keep += [n1, n2]
+            layers[i] = _Layer(n1.data_ptr(), n2.data_ptr(), self._linear(mine.qkv), self._linear(mine.o),
+                               self._linear(mine.gate_up), self._linear(mine.down))
+        self.final_norm = self.lean.base.norm.weight.detach()
+        self.layers, self.stamps = layers, stamps
+
+    def __call__(self, ids: list[int], cache) -> torch.Tensor:
+        """As LeanDecoder.forward for a step of at most ``packed.LONG`` tokens."""
+        lean, t, past = self.lean, len(ids), cache.length
+        cache.reserve(t)
+        h = lean.base.embed_tokens(torch.as_tensor([ids], dtype=torch.long))[0].contiguous().clone()
+        cos, sin = lean.base.rotary_emb(h[None], torch.arange(past, past + t)[None])
+        cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        threads = torch.get_num_threads()
+        hd, nq, nkv = lean.head_dim, lean.heads * lean.head_dim, lean.kv_heads * lean.head_dim
+        scratch = np.empty(t * (self.hidden + 3 * nq + 2 * nkv + 3 * self.ffn) + threads * (past + t),
+                           dtype=np.float32)
+        rc = _library().tasc_decoder_step(
+            t, len(lean.layers), self.hidden, lean.heads, lean.kv_heads, hd, self.ffn, self.eps, self.scale,
+            h.data_ptr(), cos.data_ptr(), sin.data_ptr(), self.layers, self.final_norm.data_ptr(),
+            cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.shape[3], past, self.mm, self.isa, threads,
+            scratch.ctypes.data)
+        if rc:
+            raise RuntimeError(f"decoder step: {quant.ERRORS.get(rc, rc)}")
+        cache.length = past + t
+        return h
+
+
+def make_fused_step(lean) -> FusedStep | None:
+    return FusedStep(lean) if unsupported(lean) is None else None

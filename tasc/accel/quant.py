@@ -1,0 +1,306 @@
+"""Linear layers on GGUF block-quantised weights (Q8_0, Q4_0, Q4_1) for CPU decoding.
+
+A decode step reads every weight once, so its time is the weights' bytes: a Q4_1 model is a
+sixth of its fp32 copy. :class:`QuantWeight` keeps a weight as the GGUF blocks (read from a
+GGUF file as stored, or quantised here with the same bytes as ``gguf.quants.quantize``) and
+multiplies with the kernels of ``kernels/quant.c``: activations quantised to int8 per block,
+exact integer block dots, and one fixed float order per output element. So a row's output is
+bitwise the same whatever the number of rows in the call, the thread count or the instruction
+set variant, and a k-token verify step gives exactly the one-token steps' greedy tokens while
+reading the weights once.
+
+The variant is chosen at run time (:func:`isa`, for reports): the first of vnni (AVX-512 VNNI),
+avxvnni, avx2 and ref (portable C) whose CPU flags are present and whose self-test passes in a
+child process, so a CPU or VM that advertises an instruction set it does not run kills the
+child, not this process. ``TASC_QUANT_ISA=ref|avx2|avxvnni|vnni`` forces one (read at the first
+product; ``isa=`` forces one for a single call). Without a C compiler (or with
+``TASC_NATIVE=0``) :func:`available` is False and :meth:`QuantWeight.matmul` multiplies the
+dequantised weights with numpy instead (other numbers, no batch contract).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from functools import cache
+
+import numpy as np
+
+from tasc.accel import native
+
+BLOCK = 32  # weights a block, along K
+GROUP = 16  # columns a packed group (kernels/quant.c)
+TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}  # GGML type ids
+TYPE_SIZE = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # bytes a block
+ISAS = ("ref", "avx2", "avxvnni", "vnni")  # the kernel's variant ids are the indices
+PREFERENCE = ("vnni", "avxvnni", "avx2", "ref")
+CPU_NEEDS = {"ref": (), "avx2": ("avx2", "fma", "f16c"), "avxvnni": ("avx2", "fma", "f16c", "avx_vnni"),
+             "vnni": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c")}
+ERRORS = {-1: "K must be a positive multiple of 32", -2: "unsupported tensor type",
+          -3: "variant not compiled in", -4: "out of memory"}
+PROBE = "import ctypes, sys; sys.exit(ctypes.CDLL(sys.argv[1]).tasc_quant_selftest(int(sys.argv[2])))"
+
+
+@cache
+def library():
+    """The kernel library (ctypes), or None without a C compiler (or with TASC_NATIVE=0)."""
+    lib = native.load("quant")
+    if lib is None:
+        return None
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    for fn in (lib.tasc_quant_matmul, lib.tasc_quant_argmax):
+        fn.argtypes = [i32, i32, ptr, i32, i32, ptr, ptr, i32, ptr, i32]
+        fn.restype = i32
+    lib.tasc_quant_isas.restype = i32
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+@cache
+def probe(name: str) -> bool:
+    """True when variant ``name`` is compiled in and its self-test (bitwise equal to ref)
+    passes in a child process on this CPU."""
+    lib = library()
+    if lib is None or not lib.tasc_quant_isas() >> ISAS.index(name) & 1:
+        return False
+    if name == "ref":
+        return True
+    try:
+        done = subprocess.run([sys.executable, "-c", PROBE, str(native.build("quant")), str(ISAS.index(name))],
+                              capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+@cache
+def _choose(forced: str | None) -> str | None:
+    if forced:
+        if forced not in ISAS:
+            raise ValueError(f"TASC_QUANT_ISA={forced!r}: expected one of {', '.join(ISAS)}")
+        if not probe(forced):
+            raise RuntimeError(f"quantised kernel variant {forced!r} does not run here")
+        return forced
+    if library() is None:
+        return None
+    flags = native.cpu_flags()
+    return next(n for n in PREFERENCE if set(CPU_NEEDS[n]) <= flags and probe(n))
+
+
+def isa(requested: str | None = None) -> str | None:
+    """The variant the kernels run (``requested``, else ``TASC_QUANT_ISA``, else the best that
+    passes its probe); None without the kernel library."""
+    return _choose(requested or os.environ.get("TASC_QUANT_ISA") or None)
+
+
+@cache
+def _default_id() -> int:
+    """The variant of calls without ``isa=``: :func:`isa` at the first such call."""
+    return ISAS.index(isa())
+
+
+def _address(a: np.ndarray) -> int:
+    try:  # a third of the time of a.ctypes.data, which matters at 100+ calls a decode step
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError):  # read-only
+        return a.ctypes.data
+
+
+def _aligned(nbytes: int) -> np.ndarray:
+    raw = np.empty(nbytes + 64, dtype=np.uint8)
+    off = -raw.ctypes.data % 64
+    return raw[off:off + nbytes]
+
+
+def _roundf(v: np.ndarray) -> np.ndarray:  # C roundf (half away from zero), as gguf.quants
+    a = np.abs(v)
+    floor = np.floor(a)
+    return np.sign(v) * (floor + np.floor(2 * (a - floor)))
+
+
+def quantize_blocks(blocks: np.ndarray, fmt: str) -> np.ndarray:
+    """float32 (n, 32) -> uint8 (n, TYPE_SIZE[fmt]): the bytes of gguf.quants.quantize."""
+    if fmt == "Q8_0":
+        d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+        qs = _roundf(blocks * inv).astype(np.int8).view(np.uint8)
+        return np.concatenate([d.astype(np.float16).view(np.uint8), qs], axis=1)
+    if fmt == "Q4_0":
+        imax = np.abs(blocks).argmax(axis=1)[:, None]
+        d = np.take_along_axis(blocks, imax, axis=1) / np.float32(-8)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+        q = np.trunc(blocks * inv + np.float32(8.5)).astype(np.uint8).clip(0, 15)
+        head = [d.astype(np.float16).view(np.uint8)]
+    elif fmt == "Q4_1":
+        lo, hi = blocks.min(axis=1, keepdims=True), blocks.max(axis=1, keepdims=True)
+        d = (hi - lo) / np.float32(15)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+        q = np.trunc((blocks - lo) * inv + np.float32(0.5)).astype(np.uint8).clip(0, 15)
+        head = [d.astype(np.float16).view(np.uint8), lo.astype(np.float16).view(np.uint8)]
+    else:
+        raise ValueError(f"unsupported block format {fmt!r}: expected one of {', '.join(TYPES)}")
+    return np.concatenate([*head, q[:, :16] | (q[:, 16:] << np.uint8(4))], axis=1)
+
+
+def unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's conversion of a q or k projection (its ``permute``,
+    pairs of rotary halves interleaved per head): ``w_gguf.take_rows(idx)`` is in HF order."""
+    half = n_rows // n_head // 2
+    return np.arange(n_rows).reshape(n_head, half, 2).swapaxes(1, 2).reshape(n_rows)
+
+
+class QuantWeight:
+    """A weight W (n, k) in a GGUF block format: ``blocks`` (n, k/32 * TYPE_SIZE) uint8, the
+    GGUF bytes row by row (row = output feature). Multiplies as a linear layer, y = x @ W.T."""
+
+    def __init__(self, blocks: np.ndarray, fmt: str, k: int):
+        if fmt not in TYPES:
+            raise ValueError(f"unsupported block format {fmt!r}: expected one of {', '.join(TYPES)}")
+        if k <= 0 or k % BLOCK:
+            raise ValueError(f"K = {k} is not a positive multiple of {BLOCK} (the {fmt} block)")
+        blocks = np.asarray(blocks)
+        if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] != k // BLOCK * TYPE_SIZE[fmt]:
+            raise ValueError(f"{fmt} blocks for K = {k} must be uint8 (N, {k // BLOCK * TYPE_SIZE[fmt]}), "
+                             f"not {blocks.dtype} {blocks.shape}")
+        self.blocks, self.fmt, self.k, self.n = blocks, fmt, k, blocks.shape[0]
+        self._packed: tuple[np.ndarray, np.ndarray] | None = None
+        self._pointers: tuple[int, int] | None = None
+
+    @classmethod
+    def from_gguf(cls, tensor) -> QuantWeight:
+        """From a ``gguf.GGUFReader`` tensor, its bytes as stored (GGUF's shape is (K, N):
+        N rows of K/32 blocks)."""
+        fmt = tensor.tensor_type.name
+        if fmt not in TYPES:
+            raise ValueError(f"{tensor.name}: tensor type {fmt} is not supported (only {', '.join(TYPES)})")
+        if len(tensor.shape) != 2:
+            raise ValueError(f"{tensor.name}: a linear weight is 2-D, not shape {list(tensor.shape)}")
+        k, n = int(tensor.shape[0]), int(tensor.shape[1])
+        return cls(np.asarray(tensor.data).reshape(n, -1), fmt, k)
+
+    @classmethod
+    def quantize(cls, weight, fmt: str) -> QuantWeight:
+        """From a float (n, k) numpy array or torch tensor: the bytes of gguf.quants.quantize."""
+        if hasattr(weight, "detach"):
+            weight = weight.detach().float().cpu().numpy()
+        w = np.asarray(weight, dtype=np.float32)
+        if w.ndim != 2 or w.shape[1] % BLOCK or w.shape[1] == 0:
+            raise ValueError(f"weight shape {w.shape}: (N, K) with K a positive multiple of {BLOCK} expected")
+        n, k = w.shape
+        return cls(quantize_blocks(w.reshape(-1, BLOCK), fmt).reshape(n, -1), fmt, k)
+
+    @classmethod
+    def concat(cls, weights: Sequence[QuantWeight]) -> QuantWeight:
+        """Rows of several weights, in order (fused q/k/v or gate/up: outputs side by side)."""
+        fmts, ks = {w.fmt for w in weights}, {w.k for w in weights}
+        if len(fmts) != 1 or len(ks) != 1:
+            raise ValueError(f"cannot concatenate weights of formats {fmts} and K {ks}")
+        return cls(np.concatenate([w.blocks for w in weights]), fmts.pop(), ks.pop())
+
+    def take_rows(self, index) -> QuantWeight:
+        """Rows ``index`` (a slice, or an array of row ids: a selection or a permutation)."""
+        return QuantWeight(np.ascontiguousarray(self.blocks[index]), self.fmt, self.k)
+
+    def permute_rows(self, perm) -> QuantWeight:
+        perm = np.asarray(perm)
+        if not np.array_equal(np.sort(perm), np.arange(self.n)):
+            raise ValueError(f"not a permutation of {self.n} rows")
+        return self.take_rows(perm)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.k
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.nbytes
+
+    def _fields(self) -> tuple[np.ndarray, ...]:
+        """(n, k/32, .) views: fp16 scale d, [fp16 min m,] quants."""
+        b = self.blocks.reshape(self.n, self.k // BLOCK, TYPE_SIZE[self.fmt])
+        half = np.ascontiguousarray(b[:, :, :4 if self.fmt == "Q4_1" else 2]).view(np.float16)
+        return (*np.moveaxis(half, 2, 0), b[:, :, 4 if self.fmt == "Q4_1" else 2:])
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 (n, k) values (bitwise those of gguf.quants.dequantize)."""
+        *scales, qs = self._fields()
+        d = scales[0].astype(np.float32)[..., None]
+        if self.fmt == "Q8_0":
+            w = qs.view(np.int8).astype(np.float32) * d
+        else:
+            q = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=2)
+            w = d * (q.astype(np.int8) - np.int8(8)).astype(np.float32) if self.fmt == "Q4_0" else \
+                d * q.astype(np.float32) + scales[1].astype(np.float32)[..., None]
+        return w.reshape(self.n, self.k)
+
+    def packed(self) -> tuple[np.ndarray, np.ndarray]:
+        """The kernel's layout (kernels/quant.c): quants (groups, k/32, chunks, 16, 4) and fp16
+        scales (groups, k/32, [2,] 16), 16 columns a group, zero-padded; built once."""
+        if self._packed is None:
+            *scales, qs = self._fields()
+            groups, nb = -(-self.n // GROUP), self.k // BLOCK
+            pad = groups * GROUP - self.n
+            qs = np.pad(qs, ((0, pad), (0, 0), (0, 0))).reshape(groups, GROUP, nb, -1, 4)
+            sc = np.stack([np.pad(s.view(np.uint16), ((0, pad), (0, 0))) for s in scales], axis=1)
+            sc = sc.reshape(groups, GROUP, len(scales), nb).transpose(0, 3, 2, 1)
+            q_out, s_out = _aligned(qs.size), _aligned(sc.size * 2).view(np.uint16)
+            q_out.reshape(groups, nb, -1, GROUP, 4)[:] = qs.transpose(0, 2, 3, 1, 4)
+            s_out.reshape(sc.shape)[:] = sc
+            self._packed = q_out, s_out
+        return self._packed
+
+    def _run(self, fn: str, x, out: np.ndarray, threads: int | None, isa_name: str | None) -> None:
+        if not (type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous):
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.k:
+            raise ValueError(f"x must be (M, {self.k}), not {x.shape}")
+        if threads is None:
+            import torch
+
+            threads = torch.get_num_threads()
+        if self._pointers is None:
+            qs, sc = self.packed()
+            self._pointers = qs.ctypes.data, sc.ctypes.data
+        variant = _default_id() if isa_name is None else ISAS.index(isa(isa_name))
+        rc = getattr(library(), fn)(variant, TYPES[self.fmt], _address(x), len(x), self.k, *self._pointers,
+                                    self.n, _address(out), threads)
+        if rc:
+            raise RuntimeError(f"{fn}: {ERRORS.get(rc, rc)}")
+
+    def matmul(self, x, threads: int | None = None, isa: str | None = None) -> np.ndarray:
+        """x float32 (M, k) -> (M, n) float32 = x @ W.T (threads: default torch's)."""
+        if not available():
+            return np.asarray(x, dtype=np.float32) @ self.dequantize().T
+        out = np.empty((len(x), self.n), dtype=np.float32)
+        if len(x):
+            self._run("tasc_quant_matmul", x, out, threads, isa)
+        return out
+
+    def argmax(self, x, threads: int | None = None, isa: str | None = None) -> np.ndarray:
+        """int64 (M,): per row the column of the largest output of :meth:`matmul` (ties: the
+        smallest id), without the (M, n) outputs. For the tied LM head: the greedy tokens."""
+        if not available():
+            return self.matmul(x).argmax(axis=1)
+        ids = np.empty(len(x), dtype=np.int64)
+        if len(x):
+            self._run("tasc_quant_argmax", x, ids, threads, isa)
+        return ids
+
+    def __call__(self, x):
+        """A torch tensor (..., k) -> (..., n): the linear layer."""
+        import torch
+
+        rows = x.detach().reshape(-1, self.k).float().contiguous().numpy()
+        return torch.from_numpy(self.matmul(rows)).reshape(*x.shape[:-1], self.n)
+
+    def __repr__(self) -> str:
+        return f"QuantWeight({self.fmt}, n={self.n}, k={self.k})"
