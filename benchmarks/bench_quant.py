@@ -4,7 +4,9 @@ Times one layer's linears and all 30 layers' (q/k/v fused, o, gate/up fused, dow
 products of a decoder layer) at M = 1, 2, 4, 8, 12, 17 rows, with the weights as the shipped
 GGUF stores them (Q4_1), requantised to Q8_0, and dequantised to fp32 in the packed fp32 kernel
 (tasc.accel.packed), on 1 and 2 threads; the other SIMD variants of the kernel that run here on
-all layers and one thread; and the tied Q8_0 LM head's argmax. Each time is the fastest of
+all layers and one thread; and the tied Q8_0 LM head's argmax. All layers are timed twice: just
+after the same product (the weights in cache as far as they fit) and after flushing the caches
+(streamed from memory). Each time is the fastest of
 ``--reps`` rounds, the cases interleaved in every round (other jobs on the machine then slow all
 cases alike). GB/s is the weight bytes over that time. Prints the CPU and the chosen variant.
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 ROWS = (1, 2, 4, 8, 12, 17)
+SCOPES = ("layer", "model", "cold")
 
 
 def cpu_name() -> str:
@@ -65,6 +68,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     xs = {k: rng.standard_normal((max(ROWS), k)).astype(np.float32) for k in (576, 1536)}
 
+    flush = np.zeros(192 << 20, dtype=np.float32)  # 768 MB: more than the caches
+
     def quantised(layers, isa):
         def run(m: int, threads: int, scope: str) -> None:
             for layer in layers[:1] if scope == "layer" else layers:
@@ -79,32 +84,33 @@ def main() -> None:
 
     kinds = {"Q4_1": quantised(q41, chosen), "Q8_0": quantised(q80, chosen),
              "fp32": (fp32, [sum(n * k * 4 for _, n, k in layer) for layer in f32])}
-    cases = [(kind, scope, m, t) for kind in kinds for scope in ("layer", "model") for m in ROWS
-             for t in args.threads]
+    cases = [(kind, scope, m, t) for kind in kinds for scope in SCOPES for m in ROWS for t in args.threads]
     for name in others:  # the other SIMD variants: all layers, one thread
         kinds[f"Q4_1:{name}"] = quantised(q41, name)
-        cases += [(f"Q4_1:{name}", "model", m, 1) for m in ROWS]
+        cases += [(f"Q4_1:{name}", scope, m, 1) for scope in SCOPES[1:] for m in ROWS]
     kinds["head"] = (lambda m, threads, scope: head.argmax(xs[576][:m], threads, chosen), [head.nbytes])
     cases += [("head", "argmax", m, t) for m in ROWS for t in args.threads]
     for run, _ in kinds.values():
-        run(1, 1, "model")  # packs the weights, warms up
+        run(1, 1, "model")  # packs the weights
     best = dict.fromkeys(cases, float("inf"))
     for _ in range(args.reps):
         for case in cases:
             kind, scope, m, t = case
-            if scope == "layer":
-                kinds[kind][0](m, t, scope)  # the layer's weights into the cache
+            if scope == "cold":
+                flush[::16] += 1.0  # every cache line of the buffer
+            else:
+                kinds[kind][0](m, t, scope)  # the same product just before: the weights in cache
             t0 = time.perf_counter()
             kinds[kind][0](m, t, scope)
             best[case] = min(best[case], time.perf_counter() - t0)
 
-    print(f"\nfastest of {args.reps}; ms (GB/s of weights); layer = layer 0 alone (its weights stay in cache), "
-          "model = the 30 layers; head = argmax of the tied Q8_0 LM head")
+    print(f"\nfastest of {args.reps}; ms (GB/s of weights); layer = layer 0 alone, just run (in cache); "
+          "model = the 30 layers, just run (in cache as far as they fit); cold = the 30 layers after the "
+          "caches are flushed; head = argmax of the tied Q8_0 LM head, just run")
     header = "".join(f"{f'M={m}':>16}" for m in ROWS)
     print(f"{'weights':<13}{'scope':<7}{'thr':>4}{header}{'M=8/M=1':>10}")
     for kind, scope, _, t in dict.fromkeys((c[0], c[1], 0, c[3]) for c in cases):
-        sizes = kinds[kind][1]
-        size = sizes[0] if scope == "layer" else sum(sizes)
+        size = kinds[kind][1][0] if scope == "layer" else sum(kinds[kind][1])
         cells = "".join(f"{best[kind, scope, m, t] * 1e3:8.3f} ({size / best[kind, scope, m, t] / 1e9:4.1f})"
                         for m in ROWS)
         print(f"{kind:<13}{scope:<7}{t:>4}{cells}{best[kind, scope, 8, t] / best[kind, scope, 1, t]:10.2f}")

@@ -7,6 +7,11 @@ they exclude each other across processes, state folders and machines that share 
 champion re-read right before the switch; if it moved anyway (an alias set by hand, which
 no lease covers) the decision is remade against the new champion. Promoting the version
 that already is champion changes nothing, so ``previous`` stays a real rollback target.
+
+What the registry shows a person is written here too: the registered model's description
+(what the aliases mean, how to load the champion and roll back), each version's description
+(the promotion decision in one line, :func:`tasc.eval.promotion.describe`) and its scorecard
+as a markdown table in its run's artifacts.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 
 from storage.tracking import client
-from tasc.eval.promotion import Decision, PromotionPolicy, Scorecard, decide
+from tasc.eval.promotion import Decision, PromotionPolicy, Scorecard, decide, describe, scorecard_markdown
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +54,35 @@ _BUSY = {ErrorCode.Name(c) for c in (RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_
 
 def registered_name(task: str) -> str:
     return f"tasc-{task}"
+
+
+# The registered model's description (markdown in the MLflow UI): what someone who opens the
+# model there needs to read a version, load the right one and undo a promotion.
+MODEL_DESCRIPTION = """\
+The tasc model of the task `{task}`: a small language model with its speculative-decoding
+draft, packaged as one MLflow pyfunc. Each version is the model of one tasc pipeline run.
+
+**Aliases** (moved by tasc's promotion rule; stages are not used):
+
+- `champion`: the version in use. Consumers load `models:/{name}@champion`, e.g.
+  `mlflow.pyfunc.load_model("models:/{name}@champion")` or
+  `mlflow models serve -m "models:/{name}@champion"`.
+- `challenger`: the newest registered version. It becomes champion only if its chars/s reach
+  the champion's times `min_speedup` and its task metric drops by at most `max_metric_drop`.
+- `previous`: the champion before the last promotion, the rollback target.
+
+**Why a version was or was not promoted**: its description (one line: the verdict, its speedup
+and metric change against the champion of that moment, the rule's reason), its tags
+`tasc.promotion.*`, and `tasc.bench.run_id` / `tasc.bench.chart` for the benchmark run and
+its chart. The scorecard it was judged on is a table among its run's artifacts
+(`scorecard/`).
+
+**Roll back**: `tasc rollback {task}` makes `previous` the champion again. `tasc promote {task}
+<version>` runs the promotion rule for a version by hand.
+
+MLflow's own "Promote model" button copies a version into another registered model; it
+moves none of these aliases and is not tasc's promotion.
+"""
 
 
 def pip_requirements() -> list[str]:
@@ -96,17 +130,33 @@ def log_pyfunc(run_id: str, model_dir: str, draft_file: str, config: dict, examp
 
 
 def register(model_uri: str, task: str, scorecard: Scorecard, tags: dict | None = None) -> str:
-    """Register a new version under ``tasc-<task>`` with the ``challenger`` alias; returns the version."""
+    """Register a new version under ``tasc-<task>`` with the ``challenger`` alias; returns the version.
+
+    The registered model gets its description (aliases, loading, rollback) when it has none;
+    the version a description saying it awaits the promotion rule (the rule replaces it), and,
+    when it comes from a run, its scorecard as a markdown table in that run's artifacts."""
     c = client()
     name = registered_name(task)
-    with contextlib.suppress(MlflowException):
-        c.create_registered_model(name)
+    description = MODEL_DESCRIPTION.format(task=task, name=name)
+    try:
+        c.create_registered_model(name, description=description)
+    except MlflowException:  # it exists; one registered before descriptions has none yet
+        if not c.get_registered_model(name).description:
+            c.update_registered_model(name, description=description)
     mv = mlflow.register_model(model_uri, name)
-    c.set_model_version_tag(name, mv.version, SCORE_TAG, json.dumps(scorecard.__dict__))
+    version = str(mv.version)
+    c.set_model_version_tag(name, version, SCORE_TAG, json.dumps(scorecard.__dict__))
     for k, v in (tags or {}).items():
-        c.set_model_version_tag(name, mv.version, k, str(v))
-    c.set_registered_model_alias(name, "challenger", mv.version)
-    return str(mv.version)
+        c.set_model_version_tag(name, version, k, str(v))
+    if mv.run_id:
+        path = f"scorecard/{name}-v{version}.md"
+        c.log_text(mv.run_id, scorecard_markdown(scorecard, name, version), path)
+        c.set_model_version_tag(name, version, "tasc.scorecard.artifact", f"runs:/{mv.run_id}/{path}")
+    c.update_model_version(name, version, description=f"registered as challenger, not judged by the promotion rule "
+                                                      f"yet: {scorecard.chars_per_s:.1f} chars/s, task metric "
+                                                      f"{scorecard.metric:.4f}")
+    c.set_registered_model_alias(name, "challenger", version)
+    return version
 
 
 def alias_version(task: str, alias: str) -> str | None:
@@ -205,6 +255,7 @@ def promote(task: str, version: str, policy: PromotionPolicy = PromotionPolicy()
     for k, v in decision.to_tags().items():
         c.set_model_version_tag(name, version, k, v)
     c.set_model_version_tag(name, version, "tasc.promotion.against", str(seen))
+    c.update_model_version(name, version, description=describe(decision, seen))
     return decision
 
 
@@ -219,6 +270,7 @@ def _already_champion(task: str, version: str) -> Decision:
     if "tasc.promotion.promote" not in c.get_model_version(name, version).tags:
         for k, v in decision.to_tags().items():
             c.set_model_version_tag(name, version, k, v)
+        c.update_model_version(name, version, description=describe(decision, None))
     return decision
 
 
@@ -235,4 +287,8 @@ def rollback(task: str) -> str:
         if cur:
             c.set_registered_model_alias(name, "previous", cur)
             c.set_model_version_tag(name, cur, "tasc.rolled_back", "true")
+            was = c.get_model_version(name, cur).description or ""
+            was = was.partition("; before: ")[2] if was.startswith("rolled back") else was  # once, not nested
+            c.update_model_version(name, cur, description=f"rolled back: v{prev} is champion again "
+                                                          f"(`tasc rollback`); before: {was}")
     return prev

@@ -16,11 +16,13 @@ import typer
 from tasc.data.spec import BAD_ROW_POLICIES
 from tasc.models import DEFAULT_MODEL
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="tasc: make a small language model faster on one narrow task.")
 
 MODEL = typer.Option(DEFAULT_MODEL, "--model", "-m", help="short name, local folder or Hugging Face id")
-DTYPE = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 (auto: bf16 on CUDA or native-bf16 CPUs)")
+DTYPE = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16 | gguf | q8_0 | q4_0 | q4_1 "
+                     "(auto on a CPU: the GGUF file's own blocks, else q8_0; lossless speculative decoding. "
+                     "bfloat16 is not lossless)")
 FORCE = typer.Option(False, "--force", help="rebuild this stage's outputs even when stored ones are current "
                      "(damaged ones are rebuilt anyway)")
 
@@ -199,15 +201,16 @@ def generate(spec: str = typer.Argument(..., help="spec name/path, or a draft .p
     from tasc.decode.engine import generate as run
     from tasc.models import load_model
 
+    task = None if spec.endswith(".parquet") else load_spec(spec)  # a wrong name fails before the model loads
     lm = load_model(model, dtype=dtype, kernels="auto")
     system, chat, stop, bound = None, True, (), None
-    if spec.endswith(".parquet"):
+    if task is None:
         bound = BoundDraft.from_corpus(read_draft(spec), lm.tokenizer)
     else:
         from storage import corpus as store
         from storage.drafts import draft_path
 
-        s = load_spec(spec)
+        s = task
         system, chat, stop = s.system_prompt, s.chat_template, s.generation.stop
         version = store.latest_corpus(s.name).name
         for src in ("on-policy", "references"):
@@ -305,5 +308,23 @@ def _setup_home() -> Path:
     return configure()
 
 
+def main() -> None:
+    """The ``tasc`` command: a failure ends with one line naming what went wrong (the errors
+    of tasc say file, line, field and what to do); ``TASC_TRACEBACK=1`` shows the traceback."""
+    import os
+    import sys
+
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - every failure ends the same way for a person at a terminal
+        if os.environ.get("TASC_TRACEBACK", "0") not in ("0", "", "false", "no"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {message} (TASC_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()

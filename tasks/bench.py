@@ -72,7 +72,7 @@ def run_bench(spec: str, corpus: dict, model: str, methods: list[str], limit: in
     report = run_benchmark(made, rows.to_dict("records"), spec.metric,
                            ids=rows["id"].tolist(), progress=lambda d, n: log.info("benchmark %d/%d", d, n))
     report.update(spec=spec.name, model=model, corpus_version=corpus["version"], split=split,
-                  environment=environment(str(lm.dtype).replace("torch.", ""), lm.device, lm.kernels),
+                  environment=environment(lm.weights, lm.device, lm.kernels),
                   verify_cost=verify_cost_summary(cost), wall_s=time.time() - t0,
                   drafts={k: {"path": v, "tokens": bound[k].num_tokens} for k, v in (drafts or {}).items()},
                   extra_models=extra_models or {})

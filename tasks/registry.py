@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger, task
 
 from storage import corpus as store
@@ -25,7 +27,13 @@ def register_model(spec: str, run_id: str, model: str, draft_file: str, bench: d
               "stop": list(spec.generation.stop), "max_new_tokens": spec.generation.max_new_tokens, "dtype": dtype}
     prompts = store.read_corpus(corpus["path"], split="test")["prompt"].head(2).tolist()
     uri = registry.log_pyfunc(run_id, resolve_model(model), draft_file, config, prompts)
-    version = registry.register(uri, spec.name, card, tags={"tasc.source_model": model, "tasc.method": method})
+    tags = {"tasc.source_model": model, "tasc.method": method}
+    if bench.get("mlflow_run_id"):  # the benchmark's own MLflow run (bench_flow) and its chart there
+        tags["tasc.bench.run_id"] = bench["mlflow_run_id"]
+        chart = bench.get("paths", {}).get("chart")
+        if chart:
+            tags["tasc.bench.chart"] = f"runs:/{bench['mlflow_run_id']}/report/{Path(chart).name}"
+    version = registry.register(uri, spec.name, card, tags=tags)
     get_run_logger().info("registered %s version %s (challenger) from %s", registry.registered_name(spec.name),
                           version, uri)
     return version

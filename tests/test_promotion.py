@@ -36,3 +36,12 @@ def test_first_version_floor_is_inclusive_and_no_floor_is_reported():
     assert d.promote and "no metric floor is set (metric_floor=0)" in d.reason
     d = decide(Scorecard(100.0, 0.0), None, PromotionPolicy(metric_floor=0.05))
     assert not d.promote and "below the floor 0.0500" in d.reason
+
+
+def test_describe_is_one_line_with_the_verdict_and_numbers():
+    from tasc.eval.promotion import describe
+
+    d = decide(Scorecard(200.0, 0.48), Scorecard(100.0, 0.5), P)
+    assert describe(d, "3") == "kept as challenger: 2.00x chars/s vs v3, metric -0.020; metric drops 0.0200 (> 0.01)"
+    first = describe(decide(Scorecard(100.0, 0.5, baseline_metric=0.6), None, P), None)
+    assert first.startswith("kept as challenger: metric -0.100 vs plain greedy; first version:") and "\n" not in first

@@ -149,6 +149,77 @@ def test_alias_lease_excludes_and_breaks_a_stale_one():
         c.get_registered_model(registry.lease_name(task))  # released
 
 
+def test_descriptions_explain_the_aliases_and_each_decision(tmp_path):
+    """What the MLflow UI shows, read back through the client: the registered model says what
+    the aliases mean, how to load the champion and roll back; each version's description is its
+    promotion decision in one line."""
+    task = _task()
+    c = registry.client()
+    name = registry.registered_name(task)
+
+    def described(version: str) -> str:
+        return c.get_model_version(name, version).description
+
+    first = _new_version(task, Scorecard(100.0, 0.5, baseline_metric=0.5), tmp_path)
+    assert described(first).startswith("registered as challenger, not judged by the promotion rule yet: 100.0")
+    assert registry.promote(task, first).promote
+    model = c.get_registered_model(name).description
+    for text in ("`champion`", "`challenger`", "`previous`", f"models:/{name}@champion", f"tasc rollback {task}",
+                 '"Promote model"', "copies a version into another registered model", "not tasc's promotion"):
+        assert text in model, text
+    assert described(first) == ("promoted: metric +0.000 vs plain greedy; first version: metric 0.5000 accepted: "
+                                "no metric floor is set (metric_floor=0)")
+    slow = _new_version(task, Scorecard(50.0, 0.5), tmp_path)
+    assert not registry.promote(task, slow).promote
+    assert described(slow) == f"kept as challenger: 0.50x chars/s vs v{first}, metric +0.000; speedup 0.500x is " \
+                              "below 1.05x"
+    fast = _new_version(task, Scorecard(154.0, 0.5), tmp_path)
+    assert registry.promote(task, fast).promote
+    assert described(fast).startswith(f"promoted: 1.54x chars/s vs v{first}, metric +0.000; speedup 1.540x >= 1.05x")
+    assert registry.promote(task, fast).promote  # again: a no-op that keeps the description it won with
+    assert described(fast).startswith("promoted: 1.54x")
+    assert registry.rollback(task) == first
+    assert described(fast).startswith(f"rolled back: v{first} is champion again (`tasc rollback`); before: promoted")
+    assert c.get_registered_model(name).description == model  # registering again keeps it
+
+
+def test_version_from_a_run_gets_its_scorecard_table_and_links(tmp_path):
+    import mlflow
+
+    from storage.tracking import experiment_id
+
+    task = _task()
+    c = registry.client()
+    name = registry.registered_name(task)
+    run_id = c.create_run(experiment_id(f"tasc-{task}")).info.run_id
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "MLmodel").write_text("flavors: {}\n")  # enough to register; never loaded here
+    c.log_artifacts(run_id, str(tmp_path / "model"), "model")
+    chart = f"runs:/{run_id}/report/report.png"
+    version = registry.register(f"runs:/{run_id}/model", task, Scorecard(120.0, 0.75, corpus_version="abc"),
+                                tags={"tasc.bench.run_id": run_id, "tasc.bench.chart": chart})
+    tags = c.get_model_version(name, version).tags
+    assert tags["tasc.bench.run_id"] == run_id and tags["tasc.bench.chart"] == chart
+    assert tags["tasc.scorecard.artifact"] == f"runs:/{run_id}/scorecard/{name}-v{version}.md"
+    table = mlflow.artifacts.load_text(tags["tasc.scorecard.artifact"])
+    assert f"# Scorecard of {name} v{version}" in table
+    assert "| task metric | 0.7500 |" in table and "| corpus version | abc |" in table
+
+
+@pytest.mark.slow
+def test_pipeline_version_links_its_benchmark_run_chart_and_scorecard(pipeline_result):
+    import mlflow
+
+    c = registry.client()
+    mv = c.get_model_version(registry.registered_name(TASK), pipeline_result["promotion"]["version"])
+    bench_run = pipeline_result["bench"]["mlflow_run_id"]
+    assert mv.tags["tasc.bench.run_id"] == bench_run
+    assert mv.tags["tasc.bench.chart"] == f"runs:/{bench_run}/report/report.png"
+    assert "report/report.png" in {a.path for a in c.list_artifacts(bench_run, "report")}
+    assert mv.tags["tasc.scorecard.artifact"].startswith(f"runs:/{pipeline_result['mlflow_run_id']}/scorecard/")
+    assert "| task metric |" in mlflow.artifacts.load_text(mv.tags["tasc.scorecard.artifact"])
+
+
 # Runs in a fresh interpreter with its own TASC_HOME; the decision is slowed down so that
 # both racers decide while the other is still deciding, as slow reads would make them.
 RACER = """

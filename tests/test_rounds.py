@@ -213,7 +213,7 @@ def test_tokens_per_round_default_is_one_number_everywhere():
     assert SelectionConfig().tokens_per_round == TOKENS_PER_ROUND
     assert make_config().selection.tokens_per_round == TOKENS_PER_ROUND
     assert inspect.signature(vocab_flow.fn).parameters["tokens_per_round"].default == TOKENS_PER_ROUND
-    assert PipelineParams(spec="snips").tokens_per_round == TOKENS_PER_ROUND
+    assert PipelineParams(spec="snips").tasc_ft.tokens_per_round == TOKENS_PER_ROUND
     assert inspect.signature(vocab).parameters["tokens"].default.default == TOKENS_PER_ROUND
 
 

@@ -71,6 +71,8 @@ def probe(name: str) -> bool:
         return False
     if name == "ref":
         return True
+    if not sys.executable:  # embedded without an interpreter to start: only the portable code
+        return False
     try:
         done = subprocess.run([sys.executable, "-c", PROBE, str(native.build("quant")), str(ISAS.index(name))],
                               capture_output=True, timeout=60)

@@ -33,7 +33,7 @@ from tasc.decode.engine import DecodeConfig, Output, RequestStats, cut_at_stop
 
 DEFAULT_BIN = Path.home() / ".cache" / "llama.cpp-bench" / "build" / "bin"
 TOOLS = ("llama-completion", "llama-lookup", "llama-lookup-create")
-LOOKUP_DRAFT = 10  # llama-lookup --draft-max: tokens proposed per step (its example's default)
+LOOKUP_DRAFT = 10  # llama-lookup --spec-draft-n-max: the most tokens it drafts a step
 
 
 class LlamaCppError(RuntimeError):
@@ -69,8 +69,7 @@ def build_static_cache(bin_dir: Path, gguf: Path, texts: Sequence[str], out: Pat
         f.write("\n".join(texts))
         corpus = f.name
     try:
-        _run([str(bin_dir / "llama-lookup-create"), "-m", str(gguf), "-f", corpus, "-lcs", str(out),
-              "-c", "0", "--no-warmup"])
+        _run([str(bin_dir / "llama-lookup-create"), "-m", str(gguf), "-f", corpus, "-lcs", str(out), "-c", "0"])
     finally:
         os.unlink(corpus)
     return out
@@ -86,13 +85,15 @@ class LlamaCppRunner:
         self.static_cache = static_cache
 
     def _command(self, prompt_file: str) -> list[str]:
-        common = ["-m", str(self.gguf), "-f", prompt_file, "-n", str(self.cfg.max_new_tokens), "-t",
-                  str(self.threads), "-tb", str(self.threads), "--temp", "0", "-c", "4096", "--no-warmup"]
+        common = ["-m", str(self.gguf), "-f", prompt_file, "-t", str(self.threads), "-tb", str(self.threads),
+                  "--temp", "0", "-c", "4096"]
+        n = self.cfg.max_new_tokens
         if self.static_cache is None:
-            return [str(self.bin_dir / "llama-completion"), *common, "-no-cnv", "--no-display-prompt",
-                    "--simple-io"]
-        return [str(self.bin_dir / "llama-lookup"), *common, "--draft-max", str(LOOKUP_DRAFT),
-                "-lcs", str(self.static_cache)]
+            return [str(self.bin_dir / "llama-completion"), *common, "-n", str(n), "--no-warmup", "-no-cnv",
+                    "--no-display-prompt", "--simple-io"]
+        # llama-lookup stops once it has more than -n tokens: ask for one fewer.
+        return [str(self.bin_dir / "llama-lookup"), *common, "-n", str(max(n - 1, 1)), "--spec-draft-n-max",
+                str(LOOKUP_DRAFT), "-lcs", str(self.static_cache)]
 
     def __call__(self, row: Row) -> Output:
         prompt = render_prompt(self.tokenizer, row, self.system_prompt, self.chat_template)

@@ -71,3 +71,29 @@ def decide(challenger: Scorecard, champion: Scorecard | None, policy: PromotionP
         return Decision(False, f"speedup {speedup:.3f}x is below {policy.min_speedup}x{note}", speedup, delta)
     return Decision(True, f"speedup {speedup:.3f}x >= {policy.min_speedup}x and metric change {delta:+.4f} "
                           f"within {policy.max_metric_drop}{note}", speedup, delta)
+
+
+def describe(decision: Decision, against: str | None) -> str:
+    """The decision as one line for a person reading the registry (the version's description):
+    the verdict, the numbers it was made on, then the rule's own reason. ``against`` is the
+    champion version it was judged against (None: there was none, the first version)."""
+    verdict = "promoted" if decision.promote else "kept as challenger"
+    numbers = []
+    if decision.speedup is not None:
+        numbers.append(f"{decision.speedup:.2f}x chars/s" + (f" vs v{against}" if against else ""))
+    if decision.metric_delta is not None:
+        numbers.append(f"metric {decision.metric_delta:+.3f}" + ("" if against else " vs plain greedy"))
+    return f"{verdict}: {', '.join(numbers) + '; ' if numbers else ''}{decision.reason}"
+
+
+def scorecard_markdown(card: Scorecard, model: str, version: str) -> str:
+    """The scorecard of ``model`` version ``version`` as a markdown table."""
+    rows = [("chars/s (the registered method, higher is faster)", f"{card.chars_per_s:.1f}"),
+            ("task metric", f"{card.metric:.4f}"),
+            ("task metric of plain greedy decoding, base model",
+             "-" if card.baseline_metric is None else f"{card.baseline_metric:.4f}"),
+            ("measured on split", card.split), ("corpus version", card.corpus_version or "-")]
+    lines = [f"# Scorecard of {model} v{version}", "",
+             "What the promotion rule compares against the champion's scorecard.", "",
+             "| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+    return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@
  *     of the block's quants (exact in int32), acc = fma((float)i, d_b * da_b, acc), and for Q4_1
  *     then acc = fma(m_b, sa_b, acc). One lane of a vector register is one column, so y[m][n]
  *     depends on x[m] and column n only: bitwise the same for any M, whichever rows share the
- *     call, any thread count (threads split column groups), and in every variant. Built with
+ *     call, any thread count (threads claim runs of column groups), and in every variant. Built with
  *     -ffp-contract=off, so that no compiler fuses the products and sums written apart.
  *   - Variants, one library: "ref" (portable C), "avx2" (AVX2 maddubs), "avxvnni" (VEX
  *     vpdpbusd, 8 columns a register), "vnni" (AVX-512 VNNI, 16 columns a register). Each is
@@ -549,7 +549,7 @@ static TGT void NAME(tile)(int type, int R, const uint8_t *act, int nb, const ui
 #undef TILE_TYPE
 
 /* The variant's entry: out (M, N), or ids (M,) when out is NULL. Rows go in chunks of at most
- * ROWS, as even as possible, each quantised into its own records; threads split the column
+ * ROWS, as even as possible, each quantised into its own records; threads claim runs of the column
  * groups. A partial last group, and argmax, go through a small buffer. */
 static TGT int NAME(run)(int type, const float *x, int M, int K, const uint8_t *qs, const uint16_t *sc,
                          int N, float *out, int threads, int64_t *ids) {
@@ -571,11 +571,22 @@ static TGT int NAME(run)(int type, const float *x, int M, int K, const uint8_t *
     }
     if (ids)
         for (int i = 0; i < T * M; i++) bi[i] = -1;
+    /* Threads claim runs of column groups as they go (not a fixed share each): a thread whose
+     * core another job is using takes fewer, so a busy neighbour slows the call by its share of
+     * the time, not to the pace of the slowest thread. */
+    const int run = G / (8 * T) > 1 ? G / (8 * T) : 1;
+    int next = 0;
 #pragma omp parallel num_threads(T) if (T > 1)
     {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int t = omp_get_thread_num();
         float tmp[RMAX * GROUP];
-        for (int j = (int)((long)G * t / nt); j < (int)((long)G * (t + 1) / nt); j++) {
+        for (;;) {
+        int j0;
+#pragma omp atomic capture
+        j0 = next++;
+        j0 *= run;
+        if (j0 >= G) break;
+        for (int j = j0; j < j0 + run && j < G; j++) {
             const int cols = N - GROUP * j < GROUP ? N - GROUP * j : GROUP;
             for (int c = 0, m0 = 0; c < chunks; c++) {
                 const int R = M / chunks + (c < M % chunks);
@@ -597,13 +608,17 @@ static TGT int NAME(run)(int type, const float *x, int M, int K, const uint8_t *
                 m0 += R;
             }
         }
+        }
     }
-    for (int m = 0; ids && m < M; m++) { /* threads hold increasing column ranges */
+    for (int m = 0; ids && m < M; m++) { /* each thread's best; equal values: the smallest id */
         ids[m] = bi[m];
         float best = bv[m];
-        for (int t = 1; t < T; t++)
-            if (bi[(size_t)t * M + m] >= 0 && (ids[m] < 0 || better(bv[(size_t)t * M + m], best)))
-                best = bv[(size_t)t * M + m], ids[m] = bi[(size_t)t * M + m];
+        for (int t = 1; t < T; t++) {
+            const float v = bv[(size_t)t * M + m];
+            const int64_t i = bi[(size_t)t * M + m];
+            const int tie = v == best || (v != v && best != best);
+            if (i >= 0 && (ids[m] < 0 || better(v, best) || (tie && i < ids[m]))) best = v, ids[m] = i;
+        }
     }
     free(act), free(bv), free(bi);
     return 0;

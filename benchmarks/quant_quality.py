@@ -1,0 +1,68 @@
+"""Task metric of quantised decoding against fp32, on the same test prompts.
+
+    python -m benchmarks.quant_quality snips squad mbpp --limit 40 [--weights gguf,q8_0] [--json out.json]
+
+For each spec, greedy outputs of the model in float32 and in each quantised weight format
+(``gguf``: the GGUF file's own blocks; ``q8_0``/``q4_0``/``q4_1``: quantised at load), scored
+with the spec's metric and with chrF against the references, plus how many outputs are the
+same text as fp32's. The ingested corpus comes from the state folder (``tasc ingest SPEC``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("specs", nargs="+")
+    ap.add_argument("--limit", type=int, default=40)
+    ap.add_argument("--weights", default="gguf,q8_0")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from flows.stages import ingest_flow
+    from storage import corpus as store
+    from storage.settings import configure
+    from tasc.data.spec import load_spec
+    from tasc.decode.engine import DecodeConfig, generate
+    from tasc.eval.harness import spread_sample
+    from tasc.eval.metrics import score_many
+    from tasc.models import DEFAULT_MODEL, load_model
+
+    configure()
+    model = args.model or DEFAULT_MODEL
+    variants = ["float32", *args.weights.split(",")]
+    loaded = {w: load_model(model, dtype=w, device="cpu", kernels="auto") for w in variants}
+    report: dict = {"model": model, "threads": args.threads, "specs": {},
+                    "weights": {w: lm.weights for w, lm in loaded.items()}}
+    for name in args.specs:
+        spec = load_spec(name)
+        corpus = ingest_flow(name)
+        rows = spread_sample(store.read_corpus(corpus["path"], split="test"), args.limit).to_dict("records")
+        cfg = DecodeConfig(max_new_tokens=spec.generation.max_new_tokens, stop=spec.generation.stop)
+        texts = {w: [o.text for o in generate(lm.backend, lm.tokenizer, rows, None, "greedy", cfg, spec.system_prompt,
+                                              spec.chat_template)] for w, lm in loaded.items()}
+        entry = {}
+        for w, out in texts.items():
+            entry[w] = {"metric": float(sum(score_many(spec.metric, out, rows)) / len(rows)),
+                        "chrf": float(sum(score_many("chrf", out, rows)) / len(rows)),
+                        "same_as_fp32": sum(a == b for a, b in zip(out, texts["float32"], strict=True)) / len(rows)}
+        report["specs"][name] = {"metric": spec.metric, "prompts": len(rows), "results": entry}
+        print(f"\n{name} ({len(rows)} prompts, metric {spec.metric})")
+        print("| weights | metric | chrF | same text as fp32 |\n|---|---|---|---|")
+        for w, e in entry.items():
+            print(f"| {loaded[w].weights} | {e['metric']:.3f} | {e['chrf']:.2f} | {e['same_as_fp32']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
