@@ -7,7 +7,7 @@ and where the JSON report and the chart are. It calls the flow `tasc bench` call
 it on SNIPS.
 
     python -m benchmarks.run [SPEC ...] [--model smollm2-135m-instruct] [--limit 20]
-        [--methods greedy,pld,tasc-spec,context-only,tasc-spec-ref] [--dtype float32]
+        [--methods greedy,pld,tasc-spec,context-only,tasc-spec-ref] [--dtype auto]
         [--harvest-limit 400] [--report-dir DIR]
 
 The first run on a spec harvests the model's own outputs on ``--harvest-limit`` train prompts
@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default=DEFAULT_MODEL, help="short name, local folder or Hugging Face id")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated benchmark methods")
     ap.add_argument("--limit", type=int, default=20, help="test prompts per spec")
-    ap.add_argument("--dtype", default="float32",
-                    help="float32 (the CPU kernels' dtype, as in the published table) | bfloat16 | auto")
+    ap.add_argument("--dtype", default="auto",
+                    help="auto (on a CPU: the GGUF file's own quantised blocks, else q8_0) | float32 | q8_0 | ...")
     ap.add_argument("--harvest-limit", type=int, default=400, help="train prompts for the on-policy draft")
     ap.add_argument("--report-dir", default=None, help="also write SPEC.json reports into this folder")
     return ap

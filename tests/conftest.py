@@ -34,6 +34,11 @@ def pytest_configure(config):
     torch.set_num_threads(1)
     os.environ.setdefault("PREFECT_HOME", str(_SESSION_HOME / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # Prefect sets up its console log handler when it is first imported, on the sys.stderr of
+    # that moment. Imported here, that is the session's own stream; imported first inside a
+    # test that captures output, it would be that test's buffer, closed after it, and every
+    # later log line would fail (whichever test happened to import Prefect first).
+    import prefect.main  # noqa: F401
 
 
 @pytest.fixture(scope="session")

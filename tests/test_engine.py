@@ -236,12 +236,36 @@ def test_sampling_decode_is_seeded(lm):
     assert a.token_ids == b.token_ids and len(a.token_ids) == 12
 
 
-def test_measure_verify_cost(lm):
-    cost = measure_verify_cost(lm.model, max_len=8, context=32, reps=2)
-    assert cost.shape == (9,)
-    assert cost[0] == 0.0 and cost[1] == 1.0
-    assert np.all(np.diff(cost) >= 0)
-    assert np.all(np.isfinite(cost))
+def test_measure_verify_cost(lm, monkeypatch):
+    """The table follows what a step of m tokens really costs: a backend whose m-token step
+    takes (20 + 5 m) ms gives cost[m] near (4 + m) / 5, interpolated between the measured
+    lengths, and a length whose runs all stall is capped at m one-token steps."""
+    import time as clock
+
+    from tasc.accel.backend import Backend
+
+    stalled = 12  # every run of this length stalls
+
+    class Timed:
+        def prefill(self, ids, keep=1):
+            return None
+
+        def argmax(self, ids, keep):
+            m = len(ids)
+            clock.sleep((0.020 + 0.005 * m) * (5 if m == stalled else 1))
+            return [0] * keep
+
+        def crop(self, n):
+            return None
+
+    backend = Backend.for_model(lm.model)
+    monkeypatch.setattr(Backend, "start", lambda self: Timed())
+    cost = measure_verify_cost(backend, max_len=12, context=8, reps=2)
+    assert cost.shape == (13,) and cost[0] == 0.0 and cost[1] == 1.0
+    for m in (2, 4, 8):
+        assert cost[m] == pytest.approx((4 + m) / 5, rel=0.2), m
+    assert cost[5] == pytest.approx((cost[4] + cost[6]) / 2)  # not measured: interpolated
+    assert cost[12] == 12.0  # every 12-token run stalled 5x (16 steps' time): capped at 12
 
 
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_1"])

@@ -15,8 +15,8 @@
  *     of the block's quants (exact in int32), acc = fma((float)i, d_b * da_b, acc), and for Q4_1
  *     then acc = fma(m_b, sa_b, acc). One lane of a vector register is one column, so y[m][n]
  *     depends on x[m] and column n only: bitwise the same for any M, whichever rows share the
- *     call, any thread count (threads claim runs of column groups), and in every variant. Built with
- *     -ffp-contract=off, so that no compiler fuses the products and sums written apart.
+ *     call, any thread count (threads claim runs of column groups), and in every variant.
+ *     Built with -ffp-contract=off, so that no compiler fuses the products and sums written apart.
  *   - Variants, one library: "ref" (portable C), "avx2" (AVX2 maddubs), "avxvnni" (VEX
  *     vpdpbusd, 8 columns a register), "vnni" (AVX-512 VNNI, 16 columns a register). Each is
  *     compiled for its instruction set with function target attributes; the caller chooses one
@@ -549,8 +549,8 @@ static TGT void NAME(tile)(int type, int R, const uint8_t *act, int nb, const ui
 #undef TILE_TYPE
 
 /* The variant's entry: out (M, N), or ids (M,) when out is NULL. Rows go in chunks of at most
- * ROWS, as even as possible, each quantised into its own records; threads claim runs of the column
- * groups. A partial last group, and argmax, go through a small buffer. */
+ * ROWS, as even as possible, each quantised into its own records; threads claim runs of the
+ * column groups. A partial last group, and argmax, go through a small buffer. */
 static TGT int NAME(run)(int type, const float *x, int M, int K, const uint8_t *qs, const uint16_t *sc,
                          int N, float *out, int threads, int64_t *ids) {
     const int nb = K / 32, G = (N + GROUP - 1) / GROUP, T = threads > 1 ? threads : 1;
@@ -581,33 +581,33 @@ static TGT int NAME(run)(int type, const float *x, int M, int K, const uint8_t *
         const int t = omp_get_thread_num();
         float tmp[RMAX * GROUP];
         for (;;) {
-        int j0;
+            int j0;
 #pragma omp atomic capture
-        j0 = next++;
-        j0 *= run;
-        if (j0 >= G) break;
-        for (int j = j0; j < j0 + run && j < G; j++) {
-            const int cols = N - GROUP * j < GROUP ? N - GROUP * j : GROUP;
-            for (int c = 0, m0 = 0; c < chunks; c++) {
-                const int R = M / chunks + (c < M % chunks);
-                const uint8_t *a = act + (size_t)REC * nb * m0;
-                if (out && cols == GROUP) {
-                    NAME(tile)(type, R, a, nb, qs + j * gq, sc + j * gs, out + (size_t)m0 * N + (size_t)GROUP * j, N);
-                } else {
-                    NAME(tile)(type, R, a, nb, qs + j * gq, sc + j * gs, tmp, GROUP);
-                    for (int r = 0; r < R && out; r++)
-                        memcpy(out + (size_t)(m0 + r) * N + (size_t)GROUP * j, tmp + r * GROUP, sizeof(float) * cols);
-                    for (int r = 0; r < R && ids; r++) {
-                        float *best = bv + (size_t)t * M + m0 + r;
-                        int64_t *arg = bi + (size_t)t * M + m0 + r;
-                        for (int k = 0; k < cols; k++)
-                            if (*arg < 0 || better(tmp[r * GROUP + k], *best))
-                                *best = tmp[r * GROUP + k], *arg = (int64_t)GROUP * j + k;
+            j0 = next++;
+            j0 *= run;
+            if (j0 >= G) break;
+            for (int j = j0; j < j0 + run && j < G; j++) {
+                const int cols = N - GROUP * j < GROUP ? N - GROUP * j : GROUP;
+                for (int c = 0, m0 = 0; c < chunks; c++) {
+                    const int R = M / chunks + (c < M % chunks);
+                    const uint8_t *a = act + (size_t)REC * nb * m0;
+                    if (out && cols == GROUP) {
+                        NAME(tile)(type, R, a, nb, qs + j * gq, sc + j * gs, out + (size_t)m0 * N + (size_t)GROUP * j, N);
+                    } else {
+                        NAME(tile)(type, R, a, nb, qs + j * gq, sc + j * gs, tmp, GROUP);
+                        for (int r = 0; r < R && out; r++)
+                            memcpy(out + (size_t)(m0 + r) * N + (size_t)GROUP * j, tmp + r * GROUP, sizeof(float) * cols);
+                        for (int r = 0; r < R && ids; r++) {
+                            float *best = bv + (size_t)t * M + m0 + r;
+                            int64_t *arg = bi + (size_t)t * M + m0 + r;
+                            for (int k = 0; k < cols; k++)
+                                if (*arg < 0 || better(tmp[r * GROUP + k], *best))
+                                    *best = tmp[r * GROUP + k], *arg = (int64_t)GROUP * j + k;
+                        }
                     }
+                    m0 += R;
                 }
-                m0 += R;
             }
-        }
         }
     }
     for (int m = 0; ids && m < M; m++) { /* each thread's best; equal values: the smallest id */
