@@ -137,3 +137,31 @@ def test_greedy_decoding_with_the_argmax_head_is_unchanged(models):
     without = engine.generate(no_head, fast.tokenizer, PROMPTS, method="greedy", config=cfg)
     assert [o.token_ids for o in with_head] == [o.token_ids for o in without]
     assert head.rows == rows
+
+
+def test_thread_budget_grants_one_thread_while_another_process_keeps_a_core_busy():
+    """A parallel region waits at its barrier for a descheduled thread: with a busy neighbour,
+    steps get one thread; on a quiet machine, what was asked for."""
+    import subprocess
+    import sys
+    import time
+
+    from tasc.accel.threads import ThreadBudget
+
+    budget = ThreadBudget(interval=0.2)
+    if budget.cores < 2 or budget.others() is None:
+        pytest.skip("needs two cores and /proc")
+    assert budget.threads(1) == 1
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.6)
+        budget._last = (time.monotonic() - 0.5, *budget._last[1:])  # look now, over the spinning time
+        assert budget.threads(2) == 1 and budget.taken
+    finally:
+        spin.kill()
+        spin.wait()
+    time.sleep(0.3)
+    budget.others()  # a window that starts after the neighbour is gone
+    time.sleep(0.3)
+    budget._last = (time.monotonic() - 0.3, *budget._last[1:])
+    assert budget.threads(2) == 2 or budget.others() > budget.crowded  # another job may still run here

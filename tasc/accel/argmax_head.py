@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from tasc.accel.packed import BLOCK, available, library, pack, weight_stamp
+from tasc.accel.threads import BUDGET
 
 # Families whose logits are the output embedding applied to the last hidden state (no bias, no
 # non-monotone map after it): there the argmax of that product is the greedy token.
@@ -71,7 +72,7 @@ class ArgmaxHead:
         approx = np.empty((m, self.width), dtype=np.float32)
         self.rescored += library().tasc_head_argmax(
             x.ctypes.data, m, self.k, self.q.ctypes.data, self.scale.ctypes.data, self.coef.ctypes.data,
-            self.w.ctypes.data, self.width, self.n, ids.ctypes.data, approx.ctypes.data, torch.get_num_threads())
+            self.w.ctypes.data, self.width, self.n, ids.ctypes.data, approx.ctypes.data, BUDGET.threads(torch.get_num_threads()))
         self.rows += m
         return ids
 

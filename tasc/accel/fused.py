@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from tasc.accel import native, quant
+from tasc.accel.threads import BUDGET
 
 FUSED_MODELS = ("llama", "mistral", "qwen2")
 
@@ -120,7 +121,7 @@ class FusedStep:
         h = lean.base.embed_tokens(torch.as_tensor([ids], dtype=torch.long))[0].contiguous().clone()
         cos, sin = lean.base.rotary_emb(h[None], torch.arange(past, past + t)[None])
         cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
-        threads = torch.get_num_threads()
+        threads = BUDGET.threads(torch.get_num_threads())
         hd, nq, nkv = lean.head_dim, lean.heads * lean.head_dim, lean.kv_heads * lean.head_dim
         scratch = np.empty(t * (self.hidden + 3 * nq + 2 * nkv + 3 * self.ffn) + threads * (past + t),
                            dtype=np.float32)

@@ -36,6 +36,7 @@ from tasc.accel.fused import make_fused_step
 from tasc.accel.packed import BLOCK, LONG, available, pack, small_gemm, weight_stamp
 from tasc.accel.quant import QuantWeight
 from tasc.accel.quantized import current_weight
+from tasc.accel.threads import BUDGET
 
 LEAN_MODELS = ("llama", "mistral", "qwen2")
 
@@ -113,7 +114,7 @@ class _Group:
             y = torch.from_numpy(self.quant.matmul(x.contiguous().numpy()))
         else:
             y = torch.from_numpy(small_gemm(x.contiguous().numpy(), self.packed, sum(self.widths),
-                                            torch.get_num_threads()))
+                                            BUDGET.threads(torch.get_num_threads())))
         if self.bias is not None:
             y = y + self.bias
         return list(y.split(self.widths, dim=-1))
@@ -207,7 +208,7 @@ class LeanDecoder:
         # query token, or a prompt with nothing cached), else the causal boolean mask.
         mask = None if (t == 1 or past == 0) else torch.ones(t, s, dtype=torch.bool).tril(past)[None, None]
         attend = self.attention.get_interface(self.model.config._attn_implementation, None)
-        rows, threads = t <= LONG and row_invariant_available(), torch.get_num_threads()
+        rows, threads = t <= LONG and row_invariant_available(), BUDGET.threads(torch.get_num_threads())
         hd = self.head_dim
         for i, layer in enumerate(self.layers):
             x = layer.norm1(h)

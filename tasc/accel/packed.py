@@ -33,6 +33,7 @@ from functools import lru_cache
 import numpy as np
 
 from tasc.accel import native
+from tasc.accel.threads import BUDGET
 
 BLOCK = 8  # columns per packed block (one AVX2 register)
 # Sequences longer than this (prompt prefill) go to torch's BLAS, which is faster once the
@@ -98,7 +99,7 @@ def _packed_forward(self, x):
     if self._tasc_stamp != stamp:
         self._tasc_packed, self._tasc_stamp = pack(w.detach().numpy()), stamp
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.from_numpy(small_gemm(rows.numpy(), self._tasc_packed, w.shape[0], torch.get_num_threads()))
+    y = torch.from_numpy(small_gemm(rows.numpy(), self._tasc_packed, w.shape[0], BUDGET.threads(torch.get_num_threads())))
     if self.bias is not None:
         y = y + self.bias
     return y.reshape(*x.shape[:-1], w.shape[0])

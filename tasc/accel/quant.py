@@ -30,6 +30,7 @@ from functools import cache
 import numpy as np
 
 from tasc.accel import native
+from tasc.accel.threads import BUDGET
 
 BLOCK = 32  # weights a block, along K
 GROUP = 16  # columns a packed group (kernels/quant.c)
@@ -268,7 +269,7 @@ class QuantWeight:
         if threads is None:
             import torch
 
-            threads = torch.get_num_threads()
+            threads = BUDGET.threads(torch.get_num_threads())
         if self._pointers is None:
             qs, sc = self.packed()
             self._pointers = qs.ctypes.data, sc.ctypes.data
