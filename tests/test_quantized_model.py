@@ -1,0 +1,79 @@
+"""A model's linears on the blocks of a GGUF file (tasc.accel.quantized): the file's blocks as
+stored, q/k rows put back in Hugging Face order, a tensor type the kernels do not run replaced
+by Q8_0 with a one-line notice, and a damaged file named in the error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tasc.accel import quant
+from tasc.accel.quantized import GGUF_NAMES, quantize_model
+from tasc.models import load_model
+
+pytestmark = pytest.mark.skipif(not quant.available(), reason="no C compiler here")
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's conversion of a q or k projection (rotary halves interleaved per head)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(model, path, skip_type_for: str | None = None) -> None:
+    import gguf
+
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for i, layer in enumerate(model.model.layers):
+        for name, gname in GGUF_NAMES.items():
+            w = (getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)).weight.detach().numpy()
+            if name == "q_proj":
+                w = _permute(w, cfg.num_attention_heads)
+            elif name == "k_proj":
+                w = _permute(w, cfg.num_key_value_heads)
+            key = f"blk.{i}.{gname}.weight"
+            if key == skip_type_for:  # stored as F16, which the kernels do not run
+                writer.add_tensor(key, w.astype(np.float16))
+                continue
+            q = gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(key, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    head = model.get_output_embeddings().weight.detach().numpy()
+    q = gguf.quants.quantize(np.ascontiguousarray(head), gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("token_embd.weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_blocks_run_as_stored_with_q_and_k_rows_in_model_order(tiny_model_dir, tmp_path, capsys):
+    """The GGUF's Q8_0 blocks (q/k permuted as llama.cpp stores them) give the same logits as
+    the model's own weights quantised to Q8_0 at load: the blocks are the same bytes once the
+    rows are back in order. One F16 tensor falls back to Q8_0 with a notice."""
+    path = tmp_path / "tiny.gguf"
+    fp32 = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    _write_gguf(fp32.model, path, skip_type_for="blk.1.ffn_down.weight")
+    ref = load_model(str(tiny_model_dir), dtype="q8_0", device="cpu", kernels="auto")
+    model = load_model(str(tiny_model_dir), dtype="float32", device="cpu").model
+    label = quantize_model(model, "gguf", path)
+    assert label == "gguf Q8_0, head Q8_0"
+    assert "blk.1.ffn_down.weight: F16 is not a kernel format; quantised to Q8_0" in capsys.readouterr().err
+    for mine, theirs in zip(model.model.layers, ref.model.model.layers, strict=True):
+        for name in ("q_proj", "k_proj", "down_proj"):
+            a = (getattr(mine.self_attn, name, None) or getattr(mine.mlp, name))._tasc_quant
+            b = (getattr(theirs.self_attn, name, None) or getattr(theirs.mlp, name))._tasc_quant
+            assert np.array_equal(a.blocks, b.blocks), name
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, ref.model(input_ids=ids).logits)
+
+
+def test_a_damaged_gguf_fails_naming_the_file(tiny_model_dir, tmp_path):
+    path = tmp_path / "cut.gguf"
+    fp32 = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    _write_gguf(fp32.model, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    model = load_model(str(tiny_model_dir), dtype="float32", device="cpu").model
+    with pytest.raises(ValueError, match="cut.gguf: not a readable GGUF file"):
+        quantize_model(model, "gguf", path)
