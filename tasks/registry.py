@@ -22,7 +22,8 @@ def register_model(spec: str, run_id: str, model: str, draft_file: str, bench: d
     entry = bench["methods"][method]
     card = Scorecard(chars_per_s=entry["chars_per_s"], metric=entry["metric"] or 0.0,
                      corpus_version=corpus["version"],
-                     baseline_metric=(bench["methods"].get("greedy") or {}).get("metric"))
+                     baseline_metric=(bench["methods"].get("greedy") or {}).get("metric"),
+                     reference_chars_per_s=(bench["methods"].get("greedy") or {}).get("chars_per_s"))
     config = {"task": spec.name, "system_prompt": spec.system_prompt, "chat_template": spec.chat_template,
               "stop": list(spec.generation.stop), "max_new_tokens": spec.generation.max_new_tokens, "dtype": dtype}
     prompts = store.read_corpus(corpus["path"], split="test")["prompt"].head(2).tolist()

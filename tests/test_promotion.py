@@ -45,3 +45,20 @@ def test_describe_is_one_line_with_the_verdict_and_numbers():
     assert describe(d, "3") == "kept as challenger: 2.00x chars/s vs v3, metric -0.020; metric drops 0.0200 (> 0.01)"
     first = describe(decide(Scorecard(100.0, 0.5, baseline_metric=0.6), None, P), None)
     assert first.startswith("kept as challenger: metric -0.100 vs plain greedy; first version:") and "\n" not in first
+
+
+def test_speeds_from_two_runs_are_compared_through_each_runs_plain_greedy():
+    """The champion was measured on a quiet machine, the challenger with the machine 2.5x
+    slower: in absolute chars/s the better challenger looks slower; against plain greedy in
+    its own run it is 1.5x faster, and a worse one is rejected however fast its machine was."""
+    champion = Scorecard(200.0, 0.5, reference_chars_per_s=100.0)  # 2.0x greedy
+    loaded = Scorecard(120.0, 0.5, reference_chars_per_s=40.0)  # 3.0x greedy, busy machine
+    d = decide(loaded, champion, P)
+    assert d.promote and abs(d.speedup - 1.5) < 1e-9 and "its own benchmark run" in d.reason
+    quiet_but_worse = Scorecard(300.0, 0.5, reference_chars_per_s=200.0)  # 1.5x greedy, fast machine
+    d = decide(quiet_but_worse, champion, P)
+    assert not d.promote and abs(d.speedup - 0.75) < 1e-9
+    # Without a same-run reference on both sides the absolute speeds are all there is, and the
+    # reason says so.
+    d = decide(Scorecard(240.0, 0.5), champion, P)
+    assert d.promote and abs(d.speedup - 1.2) < 1e-9 and "absolute chars/s" in d.reason

@@ -30,6 +30,10 @@ class Scorecard:
     split: str = "test"
     corpus_version: str = ""
     baseline_metric: float | None = None  # plain greedy of the base model, same split
+    # chars/s of plain greedy on the base model in the same benchmark run: speeds measured in
+    # different runs (the champion's earlier, the challenger's now) are compared through it,
+    # since a shared machine's absolute speed moves 2-3x with its load.
+    reference_chars_per_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,17 @@ class Decision:
 
     def to_tags(self) -> dict[str, str]:
         return {f"tasc.promotion.{k}": str(v) for k, v in asdict(self).items()}
+
+
+def relative_speedup(challenger: Scorecard, champion: Scorecard) -> float:
+    """How much faster the challenger is. Where both scorecards carry the base model's plain
+    greedy speed from their own benchmark run, each speed is taken relative to it, so the
+    machine's load in either run cancels; otherwise the absolute chars/s are compared."""
+    if challenger.reference_chars_per_s and champion.reference_chars_per_s:
+        mine = challenger.chars_per_s / challenger.reference_chars_per_s
+        theirs = champion.chars_per_s / champion.reference_chars_per_s
+        return mine / theirs if theirs else float("inf")
+    return challenger.chars_per_s / champion.chars_per_s if champion.chars_per_s else float("inf")
 
 
 def decide(challenger: Scorecard, champion: Scorecard | None, policy: PromotionPolicy = PromotionPolicy()) -> Decision:
@@ -63,13 +78,17 @@ def decide(challenger: Scorecard, champion: Scorecard | None, policy: PromotionP
         note = f" (champion measured on corpus {champion.corpus_version}, challenger on {challenger.corpus_version})"
     else:
         note = ""
-    speedup = challenger.chars_per_s / champion.chars_per_s if champion.chars_per_s else float("inf")
+    speedup = relative_speedup(challenger, champion)
+    if challenger.reference_chars_per_s and champion.reference_chars_per_s:
+        how = " (each against plain greedy in its own benchmark run)"
+    else:
+        how = " (absolute chars/s of two runs: no same-run reference on both)"
     delta = challenger.metric - champion.metric
     if delta < -policy.max_metric_drop:
         return Decision(False, f"metric drops {-delta:.4f} (> {policy.max_metric_drop}){note}", speedup, delta)
     if speedup < policy.min_speedup:
-        return Decision(False, f"speedup {speedup:.3f}x is below {policy.min_speedup}x{note}", speedup, delta)
-    return Decision(True, f"speedup {speedup:.3f}x >= {policy.min_speedup}x and metric change {delta:+.4f} "
+        return Decision(False, f"speedup {speedup:.3f}x{how} is below {policy.min_speedup}x{note}", speedup, delta)
+    return Decision(True, f"speedup {speedup:.3f}x{how} >= {policy.min_speedup}x and metric change {delta:+.4f} "
                           f"within {policy.max_metric_drop}{note}", speedup, delta)
 
 
