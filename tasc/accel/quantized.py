@@ -82,14 +82,6 @@ def attach(module, weight: quant.QuantWeight) -> None:
     module.forward = types.MethodType(_quant_forward, module)
 
 
-def detach(model) -> None:
-    """Undo :func:`quantize_model` (and drop a backend attached with it)."""
-    for module in model.modules():
-        module.__dict__.pop("_tasc_backend", None)  # tasc.accel.backend.ATTACHED
-        if "_tasc_quant" in module.__dict__:
-            del module.forward, module._tasc_quant, module._tasc_quant_stamp
-
-
 def unsupported(model, weights: str, gguf: Path | None) -> str | None:
     """Why ``model`` cannot run on quantised weights here, or None when it can."""
     import torch
