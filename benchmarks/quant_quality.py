@@ -5,7 +5,8 @@
 For each spec, greedy outputs of the model in float32 and in each quantised weight format
 (``gguf``: the GGUF file's own blocks; ``q8_0``/``q4_0``/``q4_1``: quantised at load), scored
 with the spec's metric and with chrF against the references, plus how many outputs are the
-same text as fp32's. The ingested corpus comes from the state folder (``tasc ingest SPEC``).
+same text as fp32's and on how many prompts each format scores better or worse than fp32
+(the paired difference: what decides whether a gap is more than noise). The ingested corpus comes from the state folder (``tasc ingest SPEC``).
 """
 
 from __future__ import annotations
@@ -48,16 +49,21 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = DecodeConfig(max_new_tokens=spec.generation.max_new_tokens, stop=spec.generation.stop)
         texts = {w: [o.text for o in generate(lm.backend, lm.tokenizer, rows, None, "greedy", cfg, spec.system_prompt,
                                               spec.chat_template)] for w, lm in loaded.items()}
-        entry = {}
+        entry, base = {}, score_many(spec.metric, texts["float32"], rows)
         for w, out in texts.items():
-            entry[w] = {"metric": float(sum(score_many(spec.metric, out, rows)) / len(rows)),
+            scores = score_many(spec.metric, out, rows)
+            entry[w] = {"metric": float(sum(scores) / len(rows)),
                         "chrf": float(sum(score_many("chrf", out, rows)) / len(rows)),
-                        "same_as_fp32": sum(a == b for a, b in zip(out, texts["float32"], strict=True)) / len(rows)}
+                        "same_as_fp32": sum(a == b for a, b in zip(out, texts["float32"], strict=True)) / len(rows),
+                        # paired: the prompts this format scores better / worse than fp32 on
+                        "better": sum(a > b for a, b in zip(scores, base, strict=True)),
+                        "worse": sum(a < b for a, b in zip(scores, base, strict=True))}
         report["specs"][name] = {"metric": spec.metric, "prompts": len(rows), "results": entry}
         print(f"\n{name} ({len(rows)} prompts, metric {spec.metric})")
-        print("| weights | metric | chrF | same text as fp32 |\n|---|---|---|---|")
+        print("| weights | metric | chrF | same text as fp32 | prompts better / worse than fp32 |\n|---|---|---|---|---|")
         for w, e in entry.items():
-            print(f"| {loaded[w].weights} | {e['metric']:.3f} | {e['chrf']:.2f} | {e['same_as_fp32']:.2f} |")
+            print(f"| {loaded[w].weights} | {e['metric']:.3f} | {e['chrf']:.2f} | {e['same_as_fp32']:.2f} "
+                  f"| {e['better']} / {e['worse']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

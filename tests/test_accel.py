@@ -164,4 +164,6 @@ def test_thread_budget_grants_one_thread_while_another_process_keeps_a_core_busy
     budget.others()  # a window that starts after the neighbour is gone
     time.sleep(0.3)
     budget._last = (time.monotonic() - 0.3, *budget._last[1:])
-    assert budget.threads(2) == 2 or budget.others() > budget.crowded  # another job may still run here
+    seen, look = [], budget.others  # another job may still run here: judge by the load seen
+    budget.others = lambda: seen.append(look()) or seen[-1]
+    assert budget.threads(2) == (1 if seen[-1] > budget.crowded else 2)

@@ -70,10 +70,11 @@ def test_accelerated_backend_agrees_with_the_torch_fallback(tiny_model_dir, tiny
     logits, argmax, _, steps = _run(backend)
     assert steps.passes == 7
     # Transformers' forward over the same packed kernels: the same logits up to the rounding of
-    # attention (the lean steps attend row by row, transformers with SDPA).
+    # attention (the lean steps attend row by row with their own vector exp, transformers with
+    # SDPA).
     ref_logits, ref_argmax, _, _ = _run(Backend(fast.model))
     for got, want in zip(logits, ref_logits, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5)
     # The exact argmax head: the argmax of the full logits, bitwise (9 rows <= max_rows).
     assert argmax == ref_argmax == [x.argmax(dim=-1).tolist() for x in logits]
     # An unaccelerated model: the same logits up to float rounding.

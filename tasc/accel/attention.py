@@ -47,7 +47,7 @@ def attend_rows(q, keys, values, past: int, scale: float, threads: int):
         raise ValueError(f"attend_rows: head dim {d} (multiple of 8), heads {h}/{hkv}, contiguous caches")
     q = q.contiguous()
     out = torch.empty(t, h * d)
-    work = np.empty(threads * (past + t), dtype=np.float32)
+    work = np.empty(threads * (past + t + 8 + d), dtype=np.float32)
     _library().tasc_attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), h, hkv, t, d, cap, past,
                            scale, out.data_ptr(), work.ctypes.data, threads)
     return out

@@ -16,6 +16,7 @@ then runs its torch path).
 from __future__ import annotations
 
 import ctypes
+import threading
 from functools import cache
 
 import numpy as np
@@ -90,7 +91,16 @@ class FusedStep:
         self.mm = ctypes.cast(quant.library().tasc_quant_matmul, ctypes.c_void_p).value
         self.isa = quant.ISAS.index(quant.isa())
         self.stamps = None
+        self.local = threading.local()  # a scratch buffer per calling thread
         self.refresh()
+
+    def _scratch(self, floats: int) -> np.ndarray:
+        """This thread's scratch of at least ``floats`` float32, kept between steps: a new
+        buffer every step would cost page faults on each."""
+        buf = getattr(self.local, "buf", None)
+        if buf is None or buf.size < floats:
+            buf = self.local.buf = np.empty(floats + floats // 2, dtype=np.float32)
+        return buf
 
     def _linear(self, group) -> _Linear:
         qs, sc = group.quant.packed()
@@ -123,8 +133,7 @@ class FusedStep:
         cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
         threads = BUDGET.threads(torch.get_num_threads())
         hd, nq, nkv = lean.head_dim, lean.heads * lean.head_dim, lean.kv_heads * lean.head_dim
-        scratch = np.empty(t * (self.hidden + 3 * nq + 2 * nkv + 3 * self.ffn) + threads * (past + t),
-                           dtype=np.float32)
+        scratch = self._scratch(t * (self.hidden + 3 * nq + 2 * nkv + 3 * self.ffn) + threads * (past + t + 8 + hd))
         rc = _library().tasc_decoder_step(
             t, len(lean.layers), self.hidden, lean.heads, lean.kv_heads, hd, self.ffn, self.eps, self.scale,
             h.data_ptr(), cos.data_ptr(), sin.data_ptr(), self.layers, self.final_norm.data_ptr(),

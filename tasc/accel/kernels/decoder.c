@@ -6,12 +6,12 @@
  *     `past` cached ones; k, v (Hkv, cap, D): the cache, the first past + T positions valid (the
  *     new keys and values already written); H is a multiple of Hkv (grouped-query heads: head h
  *     reads KV head h / (H / Hkv)). out (T, H, D): the attention output as the output
- *     projection reads it. work: threads * (past + T) floats of scratch.
+ *     projection reads it. work: threads * (past + T + 8 + D) floats of scratch.
  *   - Row (h, i) attends to cache positions 0 .. past + i (causal). Its output is computed by
  *     one fixed sequence of operations that depends only on q[h][i] and those cache rows:
  *     scores s_j = scale * dot(q, k_j) (8-lane fused multiply-adds over D, lanes summed in a
- *     fixed tree), m = max s_j, p_j = expf(s_j - m), z = sum p_j in j order, out = (sum_j p_j
- *     v_j in j order) / z. So a row's output is bitwise the same whatever T, `past` split or
+ *     fixed tree), m = max s_j, p_j = exp8(s_j - m), z = the sum of p_j by 8 lanes of j then a
+ *     fixed tree, out = (sum_j p_j v_j in j order) / z. So a row's output is bitwise the same whatever T, `past` split or
  *     thread count the call has: a k-token verify step gives exactly the rows of k one-token
  *     steps, and greedy speculative decoding stays lossless through attention.
  *   - tasc_decoder_step: every layer of the model for T new tokens (embeddings in h, final
@@ -34,45 +34,117 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float dot8(const float *a, const float *b, int d) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int x = 0; x < d; x += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + x), _mm256_loadu_ps(b + x), acc);
+/* The 8 lanes of acc summed in one fixed tree. */
+static inline float hsum8(__m256 acc) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
 }
 
-static void attend_row(const float *qrow, const float *k, const float *v, int n, int d, float scale,
-                       float *scores, float *out) {
-    float m = -INFINITY;
-    for (int j = 0; j < n; j++) {
-        float s = scale * dot8(qrow, k + (long)j * d, d);
-        scores[j] = s;
-        if (s > m) m = s;
-    }
-    float z = 0.0f;
-    for (int j = 0; j < n; j++) {
-        scores[j] = expf(scores[j] - m);
-        z += scores[j];
-    }
+/* exp(x): Cephes' expf (range reduction by ln 2 in two parts, a degree-5 polynomial, the
+ * exponent put in the bits), 0 below -87.3, clamped at e^88.37 above. About 1 ulp; one fixed
+ * sequence of operations a lane, so a lane's result depends on its input only. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.33654f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.37626f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(under, y);
+}
+
+/* Eight keys' scores scale * dot(q, k_u): each an 8-lane chain of fused multiply-adds over D,
+ * its lanes summed as ((0+1)+(2+3))+((4+5)+(6+7)); the eight chains interleave. */
+static inline __m256 scores8(const float *q, const float *const *kp, int d, __m256 scale) {
+    __m256 a[8];
+    for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
     for (int x = 0; x < d; x += 8) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int j = 0; j < n; j++)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), _mm256_loadu_ps(v + (long)j * d + x), acc);
-        _mm256_storeu_ps(out + x, _mm256_div_ps(acc, _mm256_set1_ps(z)));
+        const __m256 qx = _mm256_loadu_ps(q + x);
+#pragma GCC unroll 8
+        for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(qx, _mm256_loadu_ps(kp[u] + x), a[u]);
+    }
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    return _mm256_mul_ps(scale, sum);
+}
+
+/* One query row over n cache rows. scores: n rounded up to 8 floats. Every step is by lanes of
+ * 8 positions j (the last group padded: a zero key, score -inf, weight 0) or by output lane
+ * over j in order, so the row's result depends on q, n and the n cache rows only. */
+static void attend_row(const float *qrow, const float *k, const float *v, int n, int d, float scale,
+                       float *scores, const float *zeros, float *out) {
+    const int n8 = (n + 7) & ~7;
+    const __m256 vs = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-INFINITY);
+    __m256 vm = ninf;
+    for (int j = 0; j < n8; j += 8) {
+        const float *kp[8];
+        for (int u = 0; u < 8; u++) kp[u] = j + u < n ? k + (long)(j + u) * d : zeros;
+        __m256 s = scores8(qrow, kp, d, vs);
+        if (j + 8 > n) /* the padding lanes: -inf */
+            s = _mm256_blendv_ps(s, ninf, _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7),
+                                                        _mm256_set1_ps((float)(n - j)), _CMP_GE_OQ));
+        _mm256_storeu_ps(scores + j, s);
+        vm = _mm256_max_ps(vm, s);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const __m256 m = _mm256_set1_ps(_mm_cvtss_f32(m4));
+    __m256 vz = _mm256_setzero_ps();
+    for (int j = 0; j < n8; j += 8) {
+        __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), m));
+        _mm256_storeu_ps(scores + j, p);
+        vz = _mm256_add_ps(vz, p);
+    }
+    const __m256 iz = _mm256_set1_ps(hsum8(vz));
+    for (int x0 = 0; x0 < d; x0 += 64) { /* eight output registers a pass */
+        const int u = d - x0 < 64 ? (d - x0) / 8 : 8;
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+        if (u == 8) {
+            for (int j = 0; j < n; j++) {
+                const __m256 p = _mm256_set1_ps(scores[j]);
+                const float *vr = v + (long)j * d + x0;
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * i), acc[i]);
+            }
+        } else {
+            for (int j = 0; j < n; j++) {
+                const __m256 p = _mm256_set1_ps(scores[j]);
+                for (int i = 0; i < u; i++) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + (long)j * d + x0 + 8 * i), acc[i]);
+            }
+        }
+        for (int i = 0; i < u; i++) _mm256_storeu_ps(out + x0 + 8 * i, _mm256_div_ps(acc[i], iz));
     }
 }
 
 void tasc_attend(const float *q, const float *k, const float *v, int H, int Hkv, int T, int D, int cap,
                  int past, float scale, float *out, float *work, int threads) {
     int rep = H / Hkv;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int hi = 0; hi < H * T; hi++) {
-        int h = hi / T, i = hi % T, g = h / rep;
-        float *scores = work + (long)omp_get_thread_num() * (past + T);
-        attend_row(q + ((long)h * T + i) * D, k + (long)g * cap * D, v + (long)g * cap * D, past + i + 1, D, scale,
-                   scores, out + ((long)i * H + h) * D);
+    const long per = past + T + 8 + D; /* a thread's scores, rounded up, and a zero key */
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = work + (long)omp_get_thread_num() * per, *zeros = scores + past + T + 8;
+        memset(zeros, 0, sizeof(float) * D);
+#pragma omp for schedule(dynamic, 1)
+        for (int hi = 0; hi < H * T; hi++) {
+            int h = hi / T, i = hi % T, g = h / rep;
+            attend_row(q + ((long)h * T + i) * D, k + (long)g * cap * D, v + (long)g * cap * D, past + i + 1, D,
+                       scale, scores, zeros, out + ((long)i * H + h) * D);
+        }
     }
 }
 
@@ -125,8 +197,8 @@ static void rotary(float *x, const float *cos, const float *sin, int T, int head
 }
 
 /* h (T, D): in, the token embeddings; out, the final normed hidden states. keys/values
- * (layers, Hkv, cap, hd). scratch: floats for T * (2 D + (H + 2 Hkv) hd + 3 F) plus the
- * attention's threads * (past + T): T * (D + 3 H hd + 2 Hkv hd + 3 F) + threads * (past + T). Returns 0 or a matmul error code. */
+ * (layers, Hkv, cap, hd). scratch: T * (D + 3 H hd + 2 Hkv hd + 3 F) floats for the layer's
+ * activations plus the attention's threads * (past + T + 8 + hd). Returns 0 or a matmul error code. */
 int tasc_decoder_step(int T, int L, int D, int H, int Hkv, int hd, int F, float eps, float scale, float *h,
                       const float *cos, const float *sin, const qlayer *layers, const float *final_norm,
                       float *keys, float *values, int cap, int past, matmul_fn mm, int isa, int threads,
@@ -155,10 +227,12 @@ int tasc_decoder_step(int T, int L, int D, int H, int Hkv, int hd, int F, float 
         for (long j = 0; j < (long)T * D; j++) h[j] += x[j];
         rmsnorm(h, ly->norm2, eps, T, D, x);
         if ((rc = linear(mm, isa, &ly->gate_up, x, T, D, gu, threads))) return rc;
-        for (int i = 0; i < T; i++)
-            for (int j = 0; j < F; j++) {
-                float g = gu[(long)i * 2 * F + j], u = gu[(long)i * 2 * F + F + j];
-                act[(long)i * F + j] = g / (1.0f + expf(-g)) * u;
+        for (int i = 0; i < T; i++) /* SiLU(gate) * up by 8 lanes (F: the down projection's K, a multiple of 32) */
+            for (int j = 0; j < F; j += 8) {
+                __m256 g = _mm256_loadu_ps(gu + (long)i * 2 * F + j), u = _mm256_loadu_ps(gu + (long)i * 2 * F + F + j);
+                __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+                g = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+                _mm256_storeu_ps(act + (long)i * F + j, _mm256_mul_ps(g, u));
             }
         if ((rc = linear(mm, isa, &ly->down, act, T, F, x, threads))) return rc;
         for (long j = 0; j < (long)T * D; j++) h[j] += x[j];
