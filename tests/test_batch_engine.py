@@ -247,3 +247,35 @@ def test_bench_batch_report(lm, greedy):
         assert e["identical_tokens"] >= 0.8 and e["chars_per_s"] > 0
     table = markdown_table(report)
     assert table.count("\n| ") == 4 and "tasc-spec-b2" in table
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_1"])
+def test_batches_on_the_fused_quantised_step_are_bitwise_single_decoding(tiny_model_dir, dtype):
+    """The default CPU path batches through the fused step: every request keeps its own cache
+    and runs engine.decode's steps, the rows of all requests share each pass. Tokens and
+    forward passes per request are exactly single decoding's, near ties included (head rows
+    made near copies), for greedy and TASC-spec, while the model runs fewer passes in all."""
+    from tasc.models import load_model
+
+    qlm = load_model(str(tiny_model_dir), dtype=dtype, device="cpu", kernels="auto")
+    if "fused-step" not in qlm.kernels:
+        pytest.skip("the fused step does not run here")
+    lean, cfg = qlm.backend.lean, DecodeConfig(max_new_tokens=MAX_NEW)
+    head = qlm.model.get_output_embeddings().weight
+    with torch.no_grad():
+        top = head[:200].clone()
+        head[200:400] = top + 1e-4 * torch.randn(top.shape, generator=torch.Generator().manual_seed(0))
+    single = [decode(qlm.backend, qlm.tokenizer, p, None, cfg) for p in encode_prompts(qlm.tokenizer, PROMPTS, None, True)]
+    draft = BoundDraft.from_corpus(build_draft_corpus(on_policy=[o.text for o in single], corpus_hash="t"),
+                                   qlm.tokenizer)
+    for method in ("greedy", "tasc-spec"):
+        for bs in (3, len(PROMPTS)):
+            before = lean.steps
+            out = generate_batch(qlm.model, qlm.tokenizer, PROMPTS, draft=draft, method=method, config=cfg,
+                                 batch_size=bs)
+            assert [o.token_ids for o in out] == [w.token_ids for w in single]
+            if method == "greedy":  # (drafts adapt to what the batch's proposers saw before)
+                assert [o.stats.forward_passes for o in out] == [w.stats.forward_passes for w in single]
+            else:
+                assert sum(o.stats.accepted for o in out) > 0
+            assert lean.steps - before < sum(o.stats.forward_passes for o in out)  # passes were shared

@@ -21,6 +21,7 @@ import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tasc.accel import quant
@@ -165,3 +166,23 @@ class Steps:
         """Forget the last ``n_remove`` cached tokens (rejected draft tokens)."""
         if n_remove > 0:
             self.cache.crop(-n_remove)
+
+
+@torch.inference_mode()
+def argmax_together(batch: Sequence[tuple[Steps, Sequence[int], int]]) -> list[list[int]]:
+    """:meth:`Steps.argmax` for several requests, (steps, ids, keep) each: one forward pass for
+    all where their backend's fused step runs, the rows sharing every weight read, each
+    request's tokens bitwise those of its own :meth:`Steps.argmax`. Elsewhere one pass each."""
+    first = batch[0][0]
+    lean, head = first.lean, first.head
+    if lean is None or not lean.batched() or head is None or any(s.backend is not first.backend for s, _, _ in batch):
+        return [steps.argmax(ids, keep) for steps, ids, keep in batch]
+    hidden = lean.forward_many([(list(ids), steps.cache) for steps, ids, _ in batch])
+    rows = torch.cat([h[-keep:] for h, (_, _, keep) in zip(hidden, batch, strict=True)]).numpy()
+    ids = np.concatenate([head(rows[i : i + head.max_rows]) for i in range(0, len(rows), head.max_rows)])
+    out, at = [], 0
+    for steps, _, keep in batch:
+        steps.passes += 1
+        out.append(ids[at : at + keep].tolist())
+        at += keep
+    return out

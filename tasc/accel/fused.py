@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Sequence
 from functools import cache
 
 import numpy as np
@@ -44,8 +45,8 @@ def _library():
     if lib is None:
         return None
     ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.tasc_decoder_step.argtypes = [i32, i32, i32, i32, i32, i32, i32, f32, f32, ptr, ptr, ptr, ptr, ptr,
-                                      ptr, ptr, i32, i32, ptr, i32, i32, ptr]
+    lib.tasc_decoder_step.argtypes = [i32, i32, i32, i32, i32, i32, i32, f32, f32, ptr, ptr, ptr, ptr, ptr, i32,
+                                      ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, ptr]
     lib.tasc_decoder_step.restype = i32
     return lib
 
@@ -126,23 +127,39 @@ class FusedStep:
 
     def __call__(self, ids: list[int], cache) -> torch.Tensor:
         """As LeanDecoder.forward for a step of at most ``packed.LONG`` tokens."""
-        lean, t, past = self.lean, len(ids), cache.length
-        cache.reserve(t)
-        h = lean.base.embed_tokens(torch.as_tensor([ids], dtype=torch.long))[0].contiguous().clone()
-        cos, sin = lean.base.rotary_emb(h[None], torch.arange(past, past + t)[None])
+        return self.many([(ids, cache)])[0]
+
+    def many(self, batch: Sequence[tuple[Sequence[int], object]]) -> list[torch.Tensor]:
+        """One step for several requests: (ids, cache) pairs, each cache its own request's ->
+        each request's (len(ids), hidden) final normed hidden states. The rows share every
+        linear (the weights are read once for all of them); each attends over its own cache.
+        A request's rows come out bitwise as in a step of its own."""
+        lean, caches = self.lean, [c for _, c in batch]
+        counts = [len(ids) for ids, _ in batch]
+        pasts = [c.length for c in caches]
+        t = sum(counts)
+        for kv, k in zip(caches, counts, strict=True):
+            kv.reserve(k)
+        flat = [i for ids, _ in batch for i in ids]
+        h = lean.base.embed_tokens(torch.as_tensor([flat], dtype=torch.long))[0].contiguous().clone()
+        positions = torch.cat([torch.arange(p, p + k) for p, k in zip(pasts, counts, strict=True)])
+        cos, sin = lean.base.rotary_emb(h[None], positions[None])
         cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
         threads = BUDGET.threads(torch.get_num_threads())
         hd, nq, nkv = lean.head_dim, lean.heads * lean.head_dim, lean.kv_heads * lean.head_dim
-        scratch = self._scratch(t * (self.hidden + 3 * nq + 2 * nkv + 3 * self.ffn) + threads * (past + t + 8 + hd))
+        longest = max(p + k for p, k in zip(pasts, counts, strict=True))
+        scratch = self._scratch(t * (self.hidden + 3 * nq + 2 * nkv + 3 * self.ffn + 3) + threads * (longest + 8 + hd))
+        n_req, ints, ptrs = len(batch), ctypes.c_int * len(batch), ctypes.c_void_p * len(batch)
         rc = _library().tasc_decoder_step(
             t, len(lean.layers), self.hidden, lean.heads, lean.kv_heads, hd, self.ffn, self.eps, self.scale,
-            h.data_ptr(), cos.data_ptr(), sin.data_ptr(), self.layers, self.final_norm.data_ptr(),
-            cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.shape[3], past, self.mm, self.isa, threads,
-            scratch.ctypes.data)
+            h.data_ptr(), cos.data_ptr(), sin.data_ptr(), self.layers, self.final_norm.data_ptr(), n_req,
+            ints(*counts), ptrs(*[c.keys.data_ptr() for c in caches]), ptrs(*[c.values.data_ptr() for c in caches]),
+            ints(*[c.keys.shape[3] for c in caches]), ints(*pasts), self.mm, self.isa, threads, scratch.ctypes.data)
         if rc:
             raise RuntimeError(f"decoder step: {quant.ERRORS.get(rc, rc)}")
-        cache.length = past + t
-        return h
+        for kv, p, k in zip(caches, pasts, counts, strict=True):
+            kv.length = p + k
+        return list(torch.split(h, counts))
 
 
 def make_fused_step(lean) -> FusedStep | None:

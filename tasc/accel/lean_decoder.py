@@ -192,6 +192,20 @@ class LeanDecoder:
     def new_cache(self, capacity: int = 256) -> LeanCache:
         return LeanCache(len(self.layers), self.kv_heads, self.head_dim, capacity)
 
+    def batched(self) -> bool:
+        """True when :meth:`forward_many` runs several requests in one pass (the fused step)."""
+        return self.fused is not None
+
+    @torch.inference_mode()
+    def forward_many(self, batch: list[tuple[list[int], LeanCache]]) -> list[torch.Tensor]:
+        """:meth:`forward` for several requests, each with its own cache: one pass through the
+        fused step for all (each at most ``packed.LONG`` new tokens), else one forward each.
+        Either way each request's rows are bitwise those of its own forward."""
+        if self.fused is not None and all(len(ids) <= LONG for ids, _ in batch):
+            self.steps += 1
+            return self.fused.many(batch)
+        return [self.forward(ids, cache) for ids, cache in batch]
+
     @torch.inference_mode()
     def forward(self, ids: list[int], cache: LeanCache) -> torch.Tensor:
         """ids: T new token ids after ``cache.length`` cached ones -> (T, hidden) float32, the

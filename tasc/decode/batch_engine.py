@@ -1,9 +1,16 @@
-"""Batched decoding: B requests share one KV cache and one forward pass per step.
+"""Batched decoding: B requests share one forward pass per step.
 
 ``decode_batch`` is ``engine.decode`` for several requests at once (plain greedy, or
 speculative with a draft per row); ``generate_batch`` is ``engine.generate`` with batching.
 
-Cache layout: one ``DynamicCache`` of shape (B, heads, C, head_dim) whose C slots are not
+On the default CPU path (quantised weights, the fused step: tasc.accel.fused) greedy batches
+need none of what follows: each request keeps its own KV cache and runs engine.decode's own
+steps (``engine.Request``), and one pass carries the rows of every unfinished request
+(``tasc.accel.backend.argmax_together``). Every row there is computed on its own, so each
+request's tokens are bitwise its single-request tokens, and the rows share each weight read.
+The rest of this module is the path for transformers' forward (other dtypes, a GPU, sampling):
+
+Its cache layout: one ``DynamicCache`` of shape (B, heads, C, head_dim) whose C slots are not
 all real tokens; a 2D ``mask`` (B, C) says which are. Prompts are left-padded (mask 0), and
 each verify step appends N = 1 + k_max slots to every row: the row's last emitted token, its
 own draft of k_b tokens, then k_max - k_b pad slots (mask 0). After verification row b keeps
@@ -38,16 +45,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tasc.accel.backend import Backend, argmax_together
 from tasc.data.prompts import Row, encode_prompts
 from tasc.decode.draft import BoundDraft
 from tasc.decode.engine import (
     METHODS,
     DecodeConfig,
     Output,
+    Request,
     RequestStats,
+    accept_greedy,
     cut_at_stop,
     eos_ids,
     first_stop,
+    paused_gc,
     verify_draft,
 )
 from tasc.decode.proposer import Proposer, ProposerConfig, new_trust
@@ -173,6 +184,10 @@ def decode_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
         raise ValueError("every prompt needs at least one token")
     if B == 0:
         return []
+    backend = Backend.for_model(model)
+    if cfg.temperature <= 0 and backend.lean is not None and backend.lean.batched() and backend.head is not None:
+        with paused_gc():
+            return _decode_together(backend, tokenizer, prompt_ids, proposers, cfg, t0)
     stops, dev = eos_ids(model, tokenizer), model.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fwd = _BatchForward(model)
@@ -248,6 +263,32 @@ def decode_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
                 r.proposer.update(r.probs, a)
             r.stopped = r.emit([*r.draft[:a].tolist(), tok], stops, cfg, tokenizer)
     return results  # type: ignore[return-value]
+
+
+def _decode_together(backend: Backend, tokenizer, prompt_ids: Sequence[Sequence[int]],
+                     proposers: Sequence[Proposer | None], cfg: DecodeConfig, t0: float) -> list[Output]:
+    """decode_batch on the fused step: each request keeps its own KV cache and runs
+    engine.decode's own steps (engine.Request); one forward pass a round carries every
+    unfinished request's rows (tasc.accel.backend.argmax_together), which share each weight
+    read. So each request's tokens are bitwise engine.decode's, with no holes, pads or masks."""
+    requests = [Request(backend, tokenizer, list(ids), p, cfg) for ids, p in zip(prompt_ids, proposers, strict=True)]
+    outputs: list[Output | None] = [None] * len(requests)
+    active = list(range(len(requests)))
+    while active:
+        batch = []
+        for b in active:
+            requests[b].t0 = t0  # latency runs from the batch's start
+            ids = requests[b].next_pass()
+            if ids is None:
+                outputs[b] = requests[b].finish()
+            else:
+                batch.append((b, ids))
+        active = [b for b, _ in batch]
+        if batch:
+            preds = argmax_together([(requests[b].steps, ids, len(requests[b].draft) + 1) for b, ids in batch])
+            for (b, _), pred in zip(batch, preds, strict=True):
+                requests[b].take(*accept_greedy(pred, requests[b].draft))
+    return outputs  # type: ignore[return-value]
 
 
 def generate_batch(

@@ -138,7 +138,11 @@ def decode(model, tokenizer, prompt_ids: list[int], proposer: Proposer | None, c
     model: a tasc.accel.backend.Backend (``LoadedModel.backend``) or a torch model, whose
     backend ``Backend.for_model`` finds."""
     with paused_gc():
-        return _decode(model, tokenizer, prompt_ids, proposer, cfg)
+        request = Request(Backend.for_model(model), tokenizer, prompt_ids, proposer, cfg)
+        while (ids := request.next_pass()) is not None:
+            # Steps 3-4: one forward pass over [last token, draft...] verifies the whole draft.
+            request.take(*verify_step(request.steps, ids, request.draft, cfg.temperature, request.gen))
+        return request.finish()
 
 
 @contextmanager
@@ -155,63 +159,86 @@ def paused_gc():
             gc.enable()
 
 
-def _decode(model, tokenizer, prompt_ids: list[int], proposer: Proposer | None, cfg: DecodeConfig) -> Output:
-    t0 = time.perf_counter()
-    backend = Backend.for_model(model)
-    steps = backend.start()
-    stats = RequestStats(prompt_tokens=len(prompt_ids))
-    stops = eos_ids(backend.model, tokenizer)
-    gen = torch.Generator().manual_seed(cfg.seed) if cfg.temperature > 0 else None
-    # Step 0: prefill the prompt; only the last position's prediction is needed.
-    _, tok = verify_step(steps, prompt_ids, _NO_DRAFT, cfg.temperature, gen)
-    out: list[int] = [tok]
-    ctx = np.empty(len(prompt_ids) + cfg.max_new_tokens + 64, dtype=np.int64)
-    ctx[: len(prompt_ids)] = prompt_ids
-    ctx[len(prompt_ids)] = tok
-    n_ctx = len(prompt_ids) + 1
-    while True:
+class Request:
+    """One request between its forward passes: :meth:`next_pass` (steps 1-2) says what the next
+    pass feeds, :meth:`take` (steps 5-6) applies its verdict. :func:`decode` drives one request;
+    tasc.decode.batch_engine drives several through shared passes, with the same steps."""
+
+    def __init__(self, backend: Backend, tokenizer, prompt_ids: list[int], proposer: Proposer | None,
+                 cfg: DecodeConfig):
+        self.t0 = time.perf_counter()
+        self.tokenizer, self.proposer, self.cfg = tokenizer, proposer, cfg
+        self.prompt_ids = prompt_ids
+        self.steps = backend.start()
+        self.stats = RequestStats(prompt_tokens=len(prompt_ids))
+        self.stops = eos_ids(backend.model, tokenizer)
+        self.gen = torch.Generator().manual_seed(cfg.seed) if cfg.temperature > 0 else None
+        self.out: list[int] = []
+        self.draft, self.probs = _NO_DRAFT, _NO_DRAFT
+        self.ctx = np.empty(len(prompt_ids) + cfg.max_new_tokens + 64, dtype=np.int64)
+        self.ctx[: len(prompt_ids)] = prompt_ids
+        self.n_ctx = len(prompt_ids)
+        self.done = False
+
+    def next_pass(self) -> list[int] | None:
+        """The ids of the next forward pass (the prompt first; then the last token and a draft,
+        whose verdict covers ``len(self.draft) + 1`` positions), or None once the request ends."""
+        cfg, out = self.cfg, self.out
+        self.draft = self.probs = _NO_DRAFT
+        if self.done:
+            return None
+        if not out:  # Step 0: prefill the prompt; only the last position's prediction is needed.
+            return self.prompt_ids
         # Step 1: stop at EOS, the token budget or a stop string (checked on the new tokens only).
-        if out[-1] in stops:
+        if out[-1] in self.stops:
             out.pop()
-            break
-        if len(out) >= cfg.max_new_tokens:
-            out = out[: cfg.max_new_tokens]
-            break
-        if cfg.stop and first_stop(tokenizer, out, len(out) - 1, cfg.stop) is not None:
-            break
+            self.done = True
+        elif len(out) >= cfg.max_new_tokens:
+            del out[cfg.max_new_tokens:]
+            self.done = True
+        elif cfg.stop and first_stop(self.tokenizer, out, len(out) - 1, cfg.stop) is not None:
+            self.done = True
+        if self.done:
+            return None
         # Step 2: propose a draft (possibly empty) from the task and context n-grams.
-        draft = probs = _NO_DRAFT
-        if proposer is not None:
+        if self.proposer is not None:
             tp = time.perf_counter()
-            draft, probs = proposer.propose(ctx[:n_ctx])
-            draft = draft[: max(cfg.max_new_tokens - len(out) - 1, 0)]
-            probs = probs[: len(draft)]
-            stats.propose_s += time.perf_counter() - tp
-        # Steps 3-4: one forward pass over [last token, draft...] verifies the whole draft;
-        # accept the longest agreeing prefix plus the model's own next token.
-        n_acc, tok = verify_step(steps, [out[-1], *draft.tolist()], draft, cfg.temperature, gen)
+            draft, probs = self.proposer.propose(self.ctx[: self.n_ctx])
+            self.draft = draft[: max(cfg.max_new_tokens - len(out) - 1, 0)]
+            self.probs = probs[: len(self.draft)]
+            self.stats.propose_s += time.perf_counter() - tp
+        return [out[-1], *self.draft.tolist()]
+
+    def take(self, n_acc: int, tok: int) -> None:
+        """The pass's verdict: ``n_acc`` draft tokens accepted, then the model's own ``tok``."""
+        cfg, out, draft = self.cfg, self.out, self.draft
         new = [*draft[:n_acc].tolist(), tok]
-        # Step 5: roll the KV cache back over the rejected draft tokens.
-        steps.crop(len(draft) - n_acc)
-        if len(draft):
-            stats.draft_steps += 1
-            stats.drafted += len(draft)
-            stats.accepted += n_acc
-            proposer.update(probs, n_acc)
+        if out:
+            # Step 5: roll the KV cache back over the rejected draft tokens.
+            self.steps.crop(len(draft) - n_acc)
+            if len(draft):
+                self.stats.draft_steps += 1
+                self.stats.drafted += len(draft)
+                self.stats.accepted += n_acc
+                self.proposer.update(self.probs, n_acc)
         # Step 6: emit; an EOS inside the accepted run ends the request right there.
+        start = len(out)
         for t in new:
             out.append(t)
-            if t in stops or len(out) >= cfg.max_new_tokens:
+            if t in self.stops or len(out) >= cfg.max_new_tokens:
                 break
-        if cfg.stop:
-            hit = first_stop(tokenizer, out, len(out) - len(new), cfg.stop)
+        if cfg.stop and start:
+            hit = first_stop(self.tokenizer, out, start, cfg.stop)
             if hit is not None:
-                out = out[:hit]
-                break
-        ctx[n_ctx : n_ctx + len(new)] = new
-        n_ctx += len(new)
-    stats.forward_passes = steps.passes
-    return _finish(tokenizer, out, stats, cfg, t0)
+                del out[hit:]
+                self.done = True
+                return
+        self.ctx[self.n_ctx : self.n_ctx + len(new)] = new
+        self.n_ctx += len(new)
+
+    def finish(self) -> Output:
+        self.stats.forward_passes = self.steps.passes
+        return _finish(self.tokenizer, self.out, self.stats, self.cfg, self.t0)
 
 
 def _finish(tokenizer, out: list[int], stats: RequestStats, cfg: DecodeConfig, t0: float) -> Output:

@@ -14,12 +14,16 @@
  *     fixed tree, out = (sum_j p_j v_j in j order) / z. So a row's output is bitwise the same whatever T, `past` split or
  *     thread count the call has: a k-token verify step gives exactly the rows of k one-token
  *     steps, and greedy speculative decoding stays lossless through attention.
- *   - tasc_decoder_step: every layer of the model for T new tokens (embeddings in h, final
- *     normed hidden states out), with the layer's linears in tasc.accel.quant's packed blocks
+ *   - tasc_decoder_step: every layer of the model for T new tokens of S requests (embeddings
+ *     in h, final normed hidden states out; request s has the next n[s] rows, after past[s]
+ *     tokens in its own cache), with the layer's linears in tasc.accel.quant's packed blocks
  *     multiplied by the matmul function passed in (tasc_quant_matmul: rows independent of each
  *     other), RMSNorm and SiLU computed per row in a fixed order, rotary from the cos/sin rows
- *     the model's rotary module gave, keys and values written into the cache at past..past+T-1,
- *     and tasc_attend. Every piece is row-wise, so the step keeps the attention's contract.
+ *     the model's rotary module gave, each row's key and value written into its request's
+ *     cache at its position, and each row attending as in tasc_attend over its own request's
+ *     cache. Every piece is row-wise, so the step keeps the attention's contract, and a row's
+ *     result does not depend on the other requests that share the step (batched decoding
+ *     gives each request's tokens of decoding it alone, bitwise).
  *   - D (head dim) and the hidden size are multiples of 8; AVX2 + FMA.
  *
  * Why: torch's attention kernels choose their blocking by the number of query rows, so one
@@ -196,33 +200,54 @@ static void rotary(float *x, const float *cos, const float *sin, int T, int head
         }
 }
 
-/* h (T, D): in, the token embeddings; out, the final normed hidden states. keys/values
- * (layers, Hkv, cap, hd). scratch: T * (D + 3 H hd + 2 Hkv hd + 3 F) floats for the layer's
- * activations plus the attention's threads * (past + T + 8 + hd). Returns 0 or a matmul error code. */
+/* h (T, D): in, the token embeddings; out, the final normed hidden states. Request s: n[s] rows,
+ * keys[s]/values[s] its cache (layers, Hkv, cap[s], hd), past[s] tokens in it. scratch:
+ * T * (D + 3 H hd + 2 Hkv hd + 3 F + 3) floats for the layer's activations and the rows'
+ * positions, plus the attention's threads * (max(past[s] + n[s]) + 8 + hd). Returns 0 or a
+ * matmul error code. */
 int tasc_decoder_step(int T, int L, int D, int H, int Hkv, int hd, int F, float eps, float scale, float *h,
-                      const float *cos, const float *sin, const qlayer *layers, const float *final_norm,
-                      float *keys, float *values, int cap, int past, matmul_fn mm, int isa, int threads,
-                      float *scratch) {
-    int nq = H * hd, nkv = Hkv * hd, nqkv = nq + 2 * nkv;
+                      const float *cos, const float *sin, const qlayer *layers, const float *final_norm, int S,
+                      const int *n, float *const *keys, float *const *values, const int *cap, const int *past,
+                      matmul_fn mm, int isa, int threads, float *scratch) {
+    int nq = H * hd, nkv = Hkv * hd, nqkv = nq + 2 * nkv, rep = H / Hkv, longest = 0;
     float *x = scratch, *att = x + (long)T * D, *qkv = att + (long)T * nq, *gu = qkv + (long)T * nqkv;
-    float *act = gu + (long)T * 2 * F, *q = act + (long)T * F, *work = q + (long)T * nq;
+    float *act = gu + (long)T * 2 * F, *q = act + (long)T * F, *work = q + (long)T * nq + 3L * T;
+    int *seq = (int *)(q + (long)T * nq), *pos = seq + T; /* each row's request and position */
+    for (int s = 0, r = 0; s < S; s++)
+        for (int i = 0; i < n[s]; i++, r++) {
+            seq[r] = s, pos[r] = past[s] + i;
+            longest = pos[r] + 1 > longest ? pos[r] + 1 : longest;
+        }
+    const long per = longest + 8 + hd; /* a thread's scores, rounded up, and a zero key */
     int rc;
     for (int l = 0; l < L; l++) {
         const qlayer *ly = layers + l;
-        float *kc = keys + (long)l * Hkv * cap * hd, *vc = values + (long)l * Hkv * cap * hd;
         rmsnorm(h, ly->norm1, eps, T, D, x);
         if ((rc = linear(mm, isa, &ly->qkv, x, T, D, qkv, threads))) return rc;
         rotary(qkv, cos, sin, T, H, hd, nqkv);
         rotary(qkv + nq, cos, sin, T, Hkv, hd, nqkv);
         for (int i = 0; i < T; i++) {
             const float *row = qkv + (long)i * nqkv;
+            const long c = cap[seq[i]];
+            float *kc = keys[seq[i]] + (long)l * Hkv * c * hd, *vc = values[seq[i]] + (long)l * Hkv * c * hd;
             for (int hh = 0; hh < H; hh++) memcpy(q + ((long)hh * T + i) * hd, row + hh * hd, hd * sizeof(float));
             for (int g = 0; g < Hkv; g++) {
-                memcpy(kc + ((long)g * cap + past + i) * hd, row + nq + g * hd, hd * sizeof(float));
-                memcpy(vc + ((long)g * cap + past + i) * hd, row + nq + nkv + g * hd, hd * sizeof(float));
+                memcpy(kc + ((long)g * c + pos[i]) * hd, row + nq + g * hd, hd * sizeof(float));
+                memcpy(vc + ((long)g * c + pos[i]) * hd, row + nq + nkv + g * hd, hd * sizeof(float));
             }
         }
-        tasc_attend(q, kc, vc, H, Hkv, T, hd, cap, past, scale, att, work, threads);
+#pragma omp parallel num_threads(threads)
+        {
+            float *scores = work + (long)omp_get_thread_num() * per, *zeros = scores + longest + 8;
+            memset(zeros, 0, sizeof(float) * hd);
+#pragma omp for schedule(dynamic, 1)
+            for (int hi = 0; hi < H * T; hi++) {
+                const int hh = hi / T, i = hi % T, g = hh / rep;
+                const long c = cap[seq[i]], off = ((long)l * Hkv + g) * c * hd;
+                attend_row(q + ((long)hh * T + i) * hd, keys[seq[i]] + off, values[seq[i]] + off, pos[i] + 1, hd,
+                           scale, scores, zeros, att + ((long)i * H + hh) * hd);
+            }
+        }
         if ((rc = linear(mm, isa, &ly->o, att, T, nq, x, threads))) return rc;
         for (long j = 0; j < (long)T * D; j++) h[j] += x[j];
         rmsnorm(h, ly->norm2, eps, T, D, x);
