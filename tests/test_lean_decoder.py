@@ -208,3 +208,30 @@ def test_the_fused_step_computes_what_the_op_by_op_lean_forward_does(tiny_model_
     for g, w in zip(got, want, strict=True):
         assert ((g - w).norm() / w.norm()).item() < 0.05
     assert (plain.keys[:, :, :, :24] - fused.keys[:, :, :, :24]).abs().max() < 0.05 * plain.keys.abs().max()
+
+
+def test_the_portable_decoder_build_gives_the_avx2_builds_results_bitwise(tiny_model_dir, monkeypatch):
+    """A CPU without AVX2 (ARM among them) gets kernels/decoder.c built with lane-by-lane
+    stand-ins for the intrinsics: attention and whole fused steps come out bitwise as on AVX2,
+    so TASC-spec stays lossless there and a model decodes the same tokens on either."""
+    from tasc.accel import attention, fused, native
+
+    if native.load("decoder") is None or native.load("decoder_portable") is None:
+        pytest.skip("needs both builds (an AVX2 CPU and a C compiler)")
+    real, rng = attention.decoder_library, np.random.default_rng(3)
+    for d, past, t in ((64, 37, 5), (72, 3, 9), (8, 0, 1)):  # head dims over and under 64 lanes
+        q = torch.from_numpy(rng.standard_normal((6, t, d)).astype(np.float32))
+        k, v = (torch.from_numpy(rng.standard_normal((2, past + t + 3, d)).astype(np.float32)) for _ in range(2))
+        outs = []
+        for build in ("decoder", "decoder_portable"):
+            monkeypatch.setattr(attention, "decoder_library", lambda b=build: real(b))
+            outs.append(attention.attend_rows(q, k, v, past, 0.125, 2))
+        assert torch.equal(outs[0], outs[1]), (d, past, t)
+        assert torch.isfinite(outs[0]).all()
+    lm = load_model(str(tiny_model_dir), dtype="q4_1", device="cpu", kernels="auto")
+    lean, chunks = lm.backend.lean, _chunks(20, seed=4)
+    results = []
+    for build in ("decoder", "decoder_portable"):
+        monkeypatch.setattr(fused, "decoder_library", lambda b=build: real(b))
+        results.append(_lean_steps(lean, chunks))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -20,19 +20,28 @@ from tasc.accel.packed import LONG
 
 
 @cache
-def _library():
-    lib = native.load("decoder")
-    if lib is None:
+def decoder_library(build: str | None = None):
+    """``kernels/decoder.c`` (ctypes): built for AVX2 + FMA where the CPU has them, else its
+    portable build, which gives bitwise the same results; None without a C compiler (or with
+    TASC_NATIVE=0). ``build`` ("decoder" or "decoder_portable") asks for one."""
+    for name in [build] if build else ["decoder", "decoder_portable"]:
+        lib = native.load(name)
+        if lib is not None:
+            break
+    else:
         return None
-    ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    lib.tasc_attend.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, ctypes.c_float, ptr, ptr, i32]
+    ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.tasc_attend.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, f32, ptr, ptr, i32]
     lib.tasc_attend.restype = None
+    lib.tasc_decoder_step.argtypes = [i32, i32, i32, i32, i32, i32, i32, f32, f32, ptr, ptr, ptr, ptr, ptr, i32,
+                                      ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, ptr]
+    lib.tasc_decoder_step.restype = i32
     return lib
 
 
 def row_invariant_available() -> bool:
-    """True where :func:`attend_rows` can run (AVX2 + FMA and a C compiler)."""
-    return _library() is not None
+    """True where :func:`attend_rows` can run (a C compiler)."""
+    return decoder_library() is not None
 
 
 def attend_rows(q, keys, values, past: int, scale: float, threads: int):
@@ -48,7 +57,7 @@ def attend_rows(q, keys, values, past: int, scale: float, threads: int):
     q = q.contiguous()
     out = torch.empty(t, h * d)
     work = np.empty(threads * (past + t + 8 + d), dtype=np.float32)
-    _library().tasc_attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), h, hkv, t, d, cap, past,
+    decoder_library().tasc_attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), h, hkv, t, d, cap, past,
                            scale, out.data_ptr(), work.ctypes.data, threads)
     return out
 

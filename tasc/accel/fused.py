@@ -18,12 +18,12 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Sequence
-from functools import cache
 
 import numpy as np
 import torch
 
-from tasc.accel import native, quant
+from tasc.accel import quant
+from tasc.accel.attention import decoder_library
 from tasc.accel.threads import BUDGET
 
 FUSED_MODELS = ("llama", "mistral", "qwen2")
@@ -39,18 +39,6 @@ class _Layer(ctypes.Structure):
                 ("gate_up", _Linear), ("down", _Linear)]
 
 
-@cache
-def _library():
-    lib = native.load("decoder")
-    if lib is None:
-        return None
-    ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.tasc_decoder_step.argtypes = [i32, i32, i32, i32, i32, i32, i32, f32, f32, ptr, ptr, ptr, ptr, ptr, i32,
-                                      ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, ptr]
-    lib.tasc_decoder_step.restype = i32
-    return lib
-
-
 def _eps(norm) -> float | None:
     """The epsilon of an RMSNorm module computing weight * x / sqrt(mean(x^2) + eps), else None."""
     if not type(norm).__name__.endswith("RMSNorm") or getattr(norm, "bias", None) is not None:
@@ -62,7 +50,7 @@ def _eps(norm) -> float | None:
 def unsupported(lean) -> str | None:
     """Why the fused step cannot run ``lean``'s layers, or None when it can."""
     cfg = lean.model.config
-    if _library() is None or not quant.available() or quant.isa() is None:
+    if decoder_library() is None or not quant.available() or quant.isa() is None:
         return "no decoder kernel here"
     if getattr(cfg, "model_type", None) not in FUSED_MODELS or getattr(cfg, "hidden_act", None) != "silu":
         return "not a SiLU llama-family model"
@@ -150,7 +138,7 @@ class FusedStep:
         longest = max(p + k for p, k in zip(pasts, counts, strict=True))
         scratch = self._scratch(t * (self.hidden + 3 * nq + 2 * nkv + 3 * self.ffn + 3) + threads * (longest + 8 + hd))
         n_req, ints, ptrs = len(batch), ctypes.c_int * len(batch), ctypes.c_void_p * len(batch)
-        rc = _library().tasc_decoder_step(
+        rc = decoder_library().tasc_decoder_step(
             t, len(lean.layers), self.hidden, lean.heads, lean.kv_heads, hd, self.ffn, self.eps, self.scale,
             h.data_ptr(), cos.data_ptr(), sin.data_ptr(), self.layers, self.final_norm.data_ptr(), n_req,
             ints(*counts), ptrs(*[c.keys.data_ptr() for c in caches]), ptrs(*[c.values.data_ptr() for c in caches]),

@@ -27,12 +27,15 @@ FLAGS: dict[str, tuple[str, ...]] = {
     # (target attributes): the library loads anywhere and tasc.accel.quant probes the variants.
     "quant": ("-O3", "-ffp-contract=off", "-fopenmp"),
     "decoder": ("-O2", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"),
+    # The same source for CPUs without AVX2 (ARM among them): the same results, bitwise.
+    "decoder_portable": ("-O2", "-DTASC_PORTABLE", "-ffp-contract=off", "-fopenmp", "-lm"),
 }
 NEEDS: dict[str, tuple[str, ...]] = {"small_gemm": ("avx2", "fma"), "draft": (), "quant": (),
-                                     "decoder": ("avx2", "fma")}
+                                     "decoder": ("avx2", "fma"), "decoder_portable": ()}
+FILES = {"decoder_portable": "decoder"}  # builds of another kernel's source
 # The sources as they were when this process imported tasc: the ctypes signatures in the
 # Python modules of the same moment match them, even if the files change while it runs.
-SOURCES: dict[str, bytes] = {name: (KERNELS / f"{name}.c").read_bytes() for name in FLAGS}
+SOURCES: dict[str, bytes] = {name: (KERNELS / f"{FILES.get(name, name)}.c").read_bytes() for name in FLAGS}
 
 
 def cache_dir() -> Path:
@@ -64,9 +67,11 @@ def build(name: str) -> Path | None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
     with tempfile.TemporaryDirectory() as work:
-        src = Path(work) / f"{name}.c"
+        src = Path(work) / f"{FILES.get(name, name)}.c"
         src.write_bytes(source)
-        done = subprocess.run([cc, *flags, "-fPIC", "-shared", "-o", tmp, str(src)], capture_output=True)
+        libs = [f for f in flags if f.startswith("-l")]  # after the source, or the linker drops them
+        done = subprocess.run([cc, *(f for f in flags if f not in libs), "-fPIC", "-shared", "-o", tmp, str(src), *libs],
+                              capture_output=True)
     if done.returncode != 0:
         os.unlink(tmp)
         return None

@@ -24,19 +24,95 @@
  *     cache. Every piece is row-wise, so the step keeps the attention's contract, and a row's
  *     result does not depend on the other requests that share the step (batched decoding
  *     gives each request's tokens of decoding it alone, bitwise).
- *   - D (head dim) and the hidden size are multiples of 8; AVX2 + FMA.
+ *   - D (head dim) and the hidden size are multiples of 8. Built for AVX2 + FMA, or with
+ *     TASC_PORTABLE for any CPU with the same results bitwise.
  *
  * Why: torch's attention kernels choose their blocking by the number of query rows, so one
  * query row and the same row inside a chunk can differ in the last bits, and quantising the
  * next layer's activations to int8 turns such a bit into a different token now and then. The
  * whole step in C removes the per-operation overhead of running a small model op by op.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#ifndef TASC_PORTABLE
+#include <immintrin.h>
+#else
+/* The same file built for a CPU without AVX2 (tasc.accel.native's "decoder_portable"): these
+ * stand-ins for the AVX2 intrinsics below work lane by lane with the same IEEE operations
+ * (fmaf for a fused multiply-add), so such a CPU computes bitwise the same results. */
+typedef struct { float v[8]; } __m256;
+typedef struct { float v[4]; } __m128;
+typedef struct { int32_t v[8]; } __m256i;
+#define _CMP_LT_OQ 0x11
+#define _CMP_GE_OQ 0x1d
+#define _MM_FROUND_TO_NEAREST_INT 0
+#define _MM_FROUND_NO_EXC 8
+#define LANES(n, expr)                                                                         \
+    for (int l = 0; l < n; l++) expr
+static inline float bits_f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline __m256 _mm256_set1_ps(float a) { __m256 r; LANES(8, r.v[l] = a); return r; }
+static inline __m256 _mm256_setzero_ps(void) { return _mm256_set1_ps(0.0f); }
+static inline __m256 _mm256_setr_ps(float a, float b, float c, float d, float e, float f, float g, float h) {
+    __m256 r = {{a, b, c, d, e, f, g, h}};
+    return r;
+}
+static inline __m256 _mm256_loadu_ps(const float *p) { __m256 r; memcpy(r.v, p, 32); return r; }
+static inline void _mm256_storeu_ps(float *p, __m256 a) { memcpy(p, a.v, 32); }
+#define BINARY(name, expr)                                                                     \
+    static inline __m256 name(__m256 a, __m256 b) { __m256 r; LANES(8, r.v[l] = (expr)); return r; }
+BINARY(_mm256_add_ps, a.v[l] + b.v[l])
+BINARY(_mm256_sub_ps, a.v[l] - b.v[l])
+BINARY(_mm256_mul_ps, a.v[l] * b.v[l])
+BINARY(_mm256_div_ps, a.v[l] / b.v[l])
+BINARY(_mm256_max_ps, a.v[l] > b.v[l] ? a.v[l] : b.v[l]) /* a NaN gives b, as vmaxps */
+BINARY(_mm256_min_ps, a.v[l] < b.v[l] ? a.v[l] : b.v[l])
+BINARY(_mm256_andnot_ps, bits_f(~f_bits(a.v[l]) & f_bits(b.v[l])))
+#undef BINARY
+static inline __m256 _mm256_fmadd_ps(__m256 a, __m256 b, __m256 c) { __m256 r; LANES(8, r.v[l] = fmaf(a.v[l], b.v[l], c.v[l])); return r; }
+static inline __m256 _mm256_fnmadd_ps(__m256 a, __m256 b, __m256 c) { __m256 r; LANES(8, r.v[l] = fmaf(-a.v[l], b.v[l], c.v[l])); return r; }
+static inline __m256 _mm256_cmp_ps(__m256 a, __m256 b, int p) {
+    __m256 r;
+    LANES(8, r.v[l] = bits_f((p == _CMP_LT_OQ ? a.v[l] < b.v[l] : a.v[l] >= b.v[l]) ? 0xffffffffu : 0u));
+    return r;
+}
+static inline __m256 _mm256_blendv_ps(__m256 a, __m256 b, __m256 m) { __m256 r; LANES(8, r.v[l] = f_bits(m.v[l]) >> 31 ? b.v[l] : a.v[l]); return r; }
+static inline __m256 _mm256_round_ps(__m256 a, int mode) { __m256 r; (void)mode; LANES(8, r.v[l] = nearbyintf(a.v[l])); return r; }
+static inline __m256i _mm256_cvtps_epi32(__m256 a) { __m256i r; LANES(8, r.v[l] = (int32_t)lrintf(a.v[l])); return r; }
+static inline __m256i _mm256_set1_epi32(int32_t a) { __m256i r; LANES(8, r.v[l] = a); return r; }
+static inline __m256i _mm256_add_epi32(__m256i a, __m256i b) { __m256i r; LANES(8, r.v[l] = (int32_t)((uint32_t)a.v[l] + (uint32_t)b.v[l])); return r; }
+static inline __m256i _mm256_slli_epi32(__m256i a, int n) { __m256i r; LANES(8, r.v[l] = (int32_t)((uint32_t)a.v[l] << n)); return r; }
+static inline __m256 _mm256_castsi256_ps(__m256i a) { __m256 r; memcpy(r.v, a.v, 32); return r; }
+static inline __m256 _mm256_hadd_ps(__m256 a, __m256 b) {
+    __m256 r = {{a.v[0] + a.v[1], a.v[2] + a.v[3], b.v[0] + b.v[1], b.v[2] + b.v[3],
+                 a.v[4] + a.v[5], a.v[6] + a.v[7], b.v[4] + b.v[5], b.v[6] + b.v[7]}};
+    return r;
+}
+static inline __m256 _mm256_permute2f128_ps(__m256 a, __m256 b, int imm) {
+    const float *half[4] = {a.v, a.v + 4, b.v, b.v + 4};
+    __m256 r;
+    memcpy(r.v, half[imm & 3], 16);
+    memcpy(r.v + 4, half[(imm >> 4) & 3], 16);
+    return r;
+}
+static inline __m128 _mm256_castps256_ps128(__m256 a) { __m128 r; memcpy(r.v, a.v, 16); return r; }
+static inline __m128 _mm256_extractf128_ps(__m256 a, int i) { __m128 r; memcpy(r.v, a.v + 4 * (i & 1), 16); return r; }
+static inline __m128 _mm_add_ps(__m128 a, __m128 b) { __m128 r; LANES(4, r.v[l] = a.v[l] + b.v[l]); return r; }
+static inline __m128 _mm_max_ps(__m128 a, __m128 b) { __m128 r; LANES(4, r.v[l] = a.v[l] > b.v[l] ? a.v[l] : b.v[l]); return r; }
+static inline __m128 _mm_add_ss(__m128 a, __m128 b) { a.v[0] += b.v[0]; return a; }
+static inline __m128 _mm_max_ss(__m128 a, __m128 b) { a.v[0] = a.v[0] > b.v[0] ? a.v[0] : b.v[0]; return a; }
+static inline __m128 _mm_movehl_ps(__m128 a, __m128 b) { __m128 r = {{b.v[2], b.v[3], a.v[2], a.v[3]}}; return r; }
+static inline __m128 _mm_shuffle_ps(__m128 a, __m128 b, int i) {
+    __m128 r = {{a.v[i & 3], a.v[(i >> 2) & 3], b.v[(i >> 4) & 3], b.v[(i >> 6) & 3]}};
+    return r;
+}
+static inline float _mm_cvtss_f32(__m128 a) { return a.v[0]; }
+#undef LANES
+#endif
 
 /* The 8 lanes of acc summed in one fixed tree. */
 static inline float hsum8(__m256 acc) {
