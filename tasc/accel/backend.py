@@ -175,7 +175,7 @@ def argmax_together(batch: Sequence[tuple[Steps, Sequence[int], int]]) -> list[l
     request's tokens bitwise those of its own :meth:`Steps.argmax`. Elsewhere one pass each."""
     first = batch[0][0]
     lean, head = first.lean, first.head
-    if lean is None or not lean.batched() or head is None or any(s.backend is not first.backend for s, _, _ in batch):
+    if lean is None or lean.fused is None or head is None or any(s.backend is not first.backend for s, _, _ in batch):
         return [steps.argmax(ids, keep) for steps, ids, keep in batch]
     hidden = lean.forward_many([(list(ids), steps.cache) for steps, ids, _ in batch])
     rows = torch.cat([h[-keep:] for h, (_, _, keep) in zip(hidden, batch, strict=True)]).numpy()

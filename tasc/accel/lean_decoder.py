@@ -192,10 +192,6 @@ class LeanDecoder:
     def new_cache(self, capacity: int = 256) -> LeanCache:
         return LeanCache(len(self.layers), self.kv_heads, self.head_dim, capacity)
 
-    def batched(self) -> bool:
-        """True when :meth:`forward_many` runs several requests in one pass (the fused step)."""
-        return self.fused is not None
-
     @torch.inference_mode()
     def forward_many(self, batch: list[tuple[list[int], LeanCache]]) -> list[torch.Tensor]:
         """:meth:`forward` for several requests, each with its own cache: one pass through the

@@ -185,7 +185,7 @@ def decode_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
     if B == 0:
         return []
     backend = Backend.for_model(model)
-    if cfg.temperature <= 0 and backend.lean is not None and backend.lean.batched() and backend.head is not None:
+    if cfg.temperature <= 0 and backend.lean is not None and backend.lean.fused is not None and backend.head is not None:
         with paused_gc():
             return _decode_together(backend, tokenizer, prompt_ids, proposers, cfg, t0)
     stops, dev = eos_ids(model, tokenizer), model.device
@@ -272,12 +272,13 @@ def _decode_together(backend: Backend, tokenizer, prompt_ids: Sequence[Sequence[
     unfinished request's rows (tasc.accel.backend.argmax_together), which share each weight
     read. So each request's tokens are bitwise engine.decode's, with no holes, pads or masks."""
     requests = [Request(backend, tokenizer, list(ids), p, cfg) for ids, p in zip(prompt_ids, proposers, strict=True)]
+    for r in requests:
+        r.t0 = t0  # latency runs from the batch's start
     outputs: list[Output | None] = [None] * len(requests)
     active = list(range(len(requests)))
     while active:
         batch = []
         for b in active:
-            requests[b].t0 = t0  # latency runs from the batch's start
             ids = requests[b].next_pass()
             if ids is None:
                 outputs[b] = requests[b].finish()
