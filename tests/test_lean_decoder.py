@@ -207,7 +207,9 @@ def test_the_fused_step_computes_what_the_op_by_op_lean_forward_does(tiny_model_
         lean.fused = fused_step
     for g, w in zip(got, want, strict=True):
         assert ((g - w).norm() / w.norm()).item() < 0.05
-    assert (plain.keys[:, :, :, :24] - fused.keys[:, :, :, :24]).abs().max() < 0.05 * plain.keys.abs().max()
+    # Only the 24 written positions: the rest of a cache is uninitialised memory.
+    written, fused_written = plain.keys[:, :, :, :24], fused.keys[:, :, :, :24]
+    assert (written - fused_written).abs().max() < 0.05 * written.abs().max()
 
 
 def test_the_portable_decoder_build_gives_the_avx2_builds_results_bitwise(tiny_model_dir, monkeypatch):
