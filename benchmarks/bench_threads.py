@@ -1,7 +1,7 @@
 """Decode speed at 1 and 2 threads, on a quiet machine and beside a busy neighbour process,
 for tasc greedy and llama.cpp greedy on the shipped GGUF.
 
-    python -m benchmarks.bench_threads [--new-tokens 96] [--reps 2] [--llama-cpp DIR]
+    python -m benchmarks.bench_threads [--new-tokens 96] [--reps 3] [--llama-cpp DIR]
 
 tasc's rate is new tokens over request latency (prefill included); llama.cpp's is what it
 reports for decoding (``--ignore-eos``, the same first prompt). The neighbour is a second
@@ -27,7 +27,7 @@ PROMPTS = ["Play the new album by Daft Punk", "Book a table for two at an Italia
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new-tokens", type=int, default=96)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--llama-cpp", default=None, help="llama.cpp's bin/ folder")
     args = ap.parse_args(argv)
     from tasc.data.prompts import render_prompt
@@ -59,15 +59,20 @@ def main(argv: list[str] | None = None) -> dict:
         spin = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
         time.sleep(0.5)
         try:
-            row = {}
-            for threads in (1, 2):
-                row[f"tasc t{threads}"] = statistics.median(tasc_rate(threads) for _ in range(args.reps))
-                row[f"llama.cpp t{threads}"] = statistics.median(llama_rate(threads) for _ in range(args.reps))
+            runs: dict[str, list[float]] = {}
+            for _ in range(args.reps):  # interleaved, so that a drift of the machine hits both counts alike
+                for threads in (1, 2):
+                    runs.setdefault(f"tasc t{threads}", []).append(tasc_rate(threads))
+                    runs.setdefault(f"llama.cpp t{threads}", []).append(llama_rate(threads))
+            row = {k: statistics.median(v) for k, v in runs.items()}
+            row["tasc t2 / t1"] = row["tasc t2"] / row["tasc t1"]
+            row["llama.cpp t2 / t1"] = row["llama.cpp t2"] / row["llama.cpp t1"]
         finally:
             if spin:
                 spin.kill()
         report["busy neighbour" if busy else "quiet"] = row
-        print(f"{'busy neighbour' if busy else 'quiet'}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in row.items()))
+        print(f"{'busy neighbour' if busy else 'quiet'}: "
+              + ", ".join(f"{k} {v:.2f}" if "/" in k else f"{k} {v:.1f} tok/s" for k, v in row.items()))
     return report
 
 

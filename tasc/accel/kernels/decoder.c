@@ -243,13 +243,20 @@ typedef struct {
 typedef int (*matmul_fn)(int isa, int type, const float *x, int M, int K, const void *qs, const void *sc, int N,
                          float *out, int threads);
 
+/* RMSNorm of each row: the squares summed by 8 lanes of fused multiply-adds, the lanes in
+ * hsum8's tree (D a multiple of 8). */
 static void rmsnorm(const float *x, const float *w, float eps, int T, int D, float *out) {
     for (int i = 0; i < T; i++) {
         const float *r = x + (long)i * D;
-        float ss = 0.0f;
-        for (int d = 0; d < D; d++) ss += r[d] * r[d];
-        float inv = 1.0f / sqrtf(ss / (float)D + eps);
-        for (int d = 0; d < D; d++) out[(long)i * D + d] = w[d] * (r[d] * inv);
+        __m256 ss = _mm256_setzero_ps();
+        for (int d = 0; d < D; d += 8) {
+            const __m256 v = _mm256_loadu_ps(r + d);
+            ss = _mm256_fmadd_ps(v, v, ss);
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(hsum8(ss) / (float)D + eps));
+        for (int d = 0; d < D; d += 8)
+            _mm256_storeu_ps(out + (long)i * D + d,
+                             _mm256_mul_ps(_mm256_loadu_ps(w + d), _mm256_mul_ps(_mm256_loadu_ps(r + d), inv)));
     }
 }
 
@@ -261,14 +268,22 @@ static int linear(matmul_fn mm, int isa, const qlinear *l, const float *x, int T
     return 0;
 }
 
-/* x (T, heads, hd) in place: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]. */
+/* x (T, heads, hd) in place: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; by 8
+ * lanes where they fit, the same operations a lane as the scalar tail. */
 static void rotary(float *x, const float *cos, const float *sin, int T, int heads, int hd, int stride) {
-    int half = hd / 2;
+    const int half = hd / 2, h8 = half & ~7;
     for (int i = 0; i < T; i++)
         for (int h = 0; h < heads; h++) {
             float *r = x + (long)i * stride + h * hd;
             const float *c = cos + (long)i * hd, *s = sin + (long)i * hd;
-            for (int d = 0; d < half; d++) {
+            for (int d = 0; d < h8; d += 8) {
+                const __m256 a = _mm256_loadu_ps(r + d), b = _mm256_loadu_ps(r + d + half);
+                _mm256_storeu_ps(r + d, _mm256_sub_ps(_mm256_mul_ps(a, _mm256_loadu_ps(c + d)),
+                                                      _mm256_mul_ps(b, _mm256_loadu_ps(s + d))));
+                _mm256_storeu_ps(r + d + half, _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(c + d + half)),
+                                                             _mm256_mul_ps(a, _mm256_loadu_ps(s + d + half))));
+            }
+            for (int d = h8; d < half; d++) {
                 float a = r[d], b = r[d + half];
                 r[d] = a * c[d] - b * s[d];
                 r[d + half] = b * c[d + half] + a * s[d + half];
@@ -328,13 +343,16 @@ int tasc_decoder_step(int T, int L, int D, int H, int Hkv, int hd, int F, float 
         for (long j = 0; j < (long)T * D; j++) h[j] += x[j];
         rmsnorm(h, ly->norm2, eps, T, D, x);
         if ((rc = linear(mm, isa, &ly->gate_up, x, T, D, gu, threads))) return rc;
-        for (int i = 0; i < T; i++) /* SiLU(gate) * up by 8 lanes (F: the down projection's K, a multiple of 32) */
-            for (int j = 0; j < F; j += 8) {
-                __m256 g = _mm256_loadu_ps(gu + (long)i * 2 * F + j), u = _mm256_loadu_ps(gu + (long)i * 2 * F + F + j);
-                __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-                g = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-                _mm256_storeu_ps(act + (long)i * F + j, _mm256_mul_ps(g, u));
-            }
+        /* SiLU(gate) * up by 8 lanes (F: the down projection's K, a multiple of 32); shared out
+         * among the threads for a multi-row step, where it would be a serial stretch. */
+#pragma omp parallel for num_threads(threads) schedule(static) if (T > 1 && threads > 1)
+        for (long ij = 0; ij < (long)T * F; ij += 8) {
+            const long i = ij / F, j = ij % F;
+            __m256 g = _mm256_loadu_ps(gu + i * 2 * F + j), u = _mm256_loadu_ps(gu + i * 2 * F + F + j);
+            __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            g = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+            _mm256_storeu_ps(act + i * F + j, _mm256_mul_ps(g, u));
+        }
         if ((rc = linear(mm, isa, &ly->down, act, T, F, x, threads))) return rc;
         for (long j = 0; j < (long)T * D; j++) h[j] += x[j];
     }

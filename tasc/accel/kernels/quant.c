@@ -336,24 +336,23 @@ AI float NAME(qblock)(const float *v, int8_t *q, int32_t *sum) {
 }
 #endif
 
-/* Quantises the R rows of x (a chunk of rows) into act: per block b a record of REC * R bytes,
+/* Quantises block b of the R rows of x (a chunk of rows) into act: per block a record of REC * R bytes,
  * the quants as int32 words [8 chunks g][R rows] (elements 4g..4g+3), then per row da, sa =
  * da * sum(quants), and the integer start of the block's dot: MAGIC plus the correction of the
  * variant's unsigned weights (Q4_0: -8 * sum; Q8_0 stored as w + 128 where Q8_BIAS: -128 * sum). */
-static TGT void NAME(quantize)(int type, const float *x, int R, int K, uint8_t *act) {
-    const int nb = K / 32, unit = type == Q4_0 ? -8 : type == Q8_0 ? -Q8_BIAS : 0;
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < nb; b++) {
-            uint8_t *rec = act + (size_t)b * REC * R;
-            int8_t q[32];
-            int32_t sum, start;
-            float d = NAME(qblock)(x + (size_t)r * K + (size_t)b * 32, q, &sum), sa = d * (float)sum;
-            for (int g = 0; g < 8; g++) memcpy(rec + 4 * (g * R + r), q + 4 * g, 4);
-            start = MAGIC + unit * sum;
-            memcpy(rec + 32 * R + 4 * r, &d, 4);
-            memcpy(rec + 36 * R + 4 * r, &sa, 4);
-            memcpy(rec + 40 * R + 4 * r, &start, 4);
-        }
+static TGT void NAME(quantize)(int type, const float *x, int R, int K, int b, uint8_t *act) {
+    const int unit = type == Q4_0 ? -8 : type == Q8_0 ? -Q8_BIAS : 0;
+    uint8_t *rec = act + (size_t)b * REC * R;
+    for (int r = 0; r < R; r++) {
+        int8_t q[32];
+        int32_t sum, start;
+        float d = NAME(qblock)(x + (size_t)r * K + (size_t)b * 32, q, &sum), sa = d * (float)sum;
+        for (int g = 0; g < 8; g++) memcpy(rec + 4 * (g * R + r), q + 4 * g, 4);
+        start = MAGIC + unit * sum;
+        memcpy(rec + 32 * R + 4 * r, &d, 4);
+        memcpy(rec + 36 * R + 4 * r, &sa, 4);
+        memcpy(rec + 40 * R + 4 * r, &start, 4);
+    }
 }
 
 #if TASC_QUANT_PASS == 0 /* ----------------------------------------------------- portable C */
@@ -564,11 +563,6 @@ static TGT int NAME(run)(int type, const float *x, int M, int K, const uint8_t *
         free(act), free(bv), free(bi);
         return -4;
     }
-    for (int c = 0, m0 = 0; c < chunks; c++) { /* chunk c: rows m0.., its records at act + REC nb m0 */
-        const int R = M / chunks + (c < M % chunks);
-        NAME(quantize)(type, x + (size_t)m0 * K, R, K, act + (size_t)REC * nb * m0);
-        m0 += R;
-    }
     if (ids)
         for (int i = 0; i < T * M; i++) bi[i] = -1;
     /* Threads claim runs of column groups as they go (not a fixed share each): a thread whose
@@ -580,6 +574,14 @@ static TGT int NAME(run)(int type, const float *x, int M, int K, const uint8_t *
     {
         const int t = omp_get_thread_num();
         float tmp[RMAX * GROUP];
+        /* The activations first, a block of a chunk's rows at a time, shared out among the threads:
+         * serial, this was a tenth of a multi-row step on two threads. Chunk c holds rows
+         * c R + min(c, M % chunks).., its records at act + REC nb m0. */
+#pragma omp for schedule(static)
+        for (int u = 0; u < chunks * nb; u++) {
+            const int c = u / nb, R = M / chunks + (c < M % chunks), m0 = c * (M / chunks) + (c < M % chunks ? c : M % chunks);
+            NAME(quantize)(type, x + (size_t)m0 * K, R, K, u % nb, act + (size_t)REC * nb * m0);
+        }
         for (;;) {
             int j0;
 #pragma omp atomic capture
