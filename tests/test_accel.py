@@ -167,3 +167,20 @@ def test_thread_budget_grants_one_thread_while_another_process_keeps_a_core_busy
     seen, look = [], budget.others  # another job may still run here: judge by the load seen
     budget.others = lambda: seen.append(look()) or seen[-1]
     assert budget.threads(2) == (1 if seen[-1] > budget.crowded else 2)
+
+
+def test_thread_budget_keeps_its_verdict_over_an_idle_spell():
+    """The first look after an idle spell does not judge by the whole spell (another benchmark,
+    a job since ended): the last verdict stands while a fresh window starts."""
+    import time
+
+    from tasc.accel.threads import ThreadBudget
+
+    budget = ThreadBudget(interval=0.2, stale=1.0)
+    if budget.cores < 2 or budget.others() is None:
+        pytest.skip("needs two cores and /proc")
+    for verdict in (True, False):
+        budget.taken = verdict
+        budget._last = (time.monotonic() - 5.0, *budget._last[1:])  # the last look, 5 s ago
+        assert budget.threads(2) == (1 if verdict else 2) and budget.taken is verdict
+        assert time.monotonic() - budget._last[0] < 0.5  # a fresh window from now

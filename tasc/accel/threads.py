@@ -40,8 +40,9 @@ def _own_busy() -> float | None:
 class ThreadBudget:
     """Grants ``requested`` threads, or one while other processes keep the other cores busy."""
 
-    def __init__(self, interval: float = 0.25, crowded: float = 0.5):
+    def __init__(self, interval: float = 0.25, crowded: float = 0.5, stale: float = 1.0):
         self.interval = interval  # seconds between looks at the machine
+        self.stale = stale  # a window longer than this (an idle spell) says little about now
         self.crowded = crowded  # others' load, in cores, above which the machine is taken
         self.cores = os.cpu_count() or 1
         self.taken = False
@@ -60,7 +61,12 @@ class ThreadBudget:
     def threads(self, requested: int) -> int:
         if requested <= 1 or self.cores <= 1:
             return max(requested, 1)
-        if time.monotonic() - self._last[0] >= self.interval:
+        since = time.monotonic() - self._last[0]
+        if since >= self.stale:
+            # The first look after an idle spell: what ran meanwhile (another benchmark, a job
+            # that has ended) is not what runs now. Keep the last verdict, start a fresh window.
+            self.others()
+        elif since >= self.interval:
             load = self.others()
             if load is not None:
                 # Another process on at least half a core of the ones we would use: one thread.
