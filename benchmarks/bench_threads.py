@@ -1,7 +1,7 @@
 """Decode speed at 1 and 2 threads, on a quiet machine and beside a busy neighbour process,
 for tasc greedy and llama.cpp greedy on the shipped GGUF.
 
-    python -m benchmarks.bench_threads [--new-tokens 96] [--reps 3] [--llama-cpp DIR]
+    python -m benchmarks.bench_threads [--new-tokens 96] [--reps 3] [--llama-cpp DIR] [--json out.json]
 
 tasc's rate is new tokens over request latency (prefill included); llama.cpp's is what it
 reports for decoding (``--ignore-eos``, the same first prompt). The neighbour is a second
@@ -11,6 +11,7 @@ Python process spinning on one core for the whole measurement.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import subprocess
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--llama-cpp", default=None, help="llama.cpp's bin/ folder")
+    ap.add_argument("--json", default=None, help="also write the report here")
     args = ap.parse_args(argv)
     from tasc.data.prompts import render_prompt
     from tasc.decode.engine import DecodeConfig, generate
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
         report["busy neighbour" if busy else "quiet"] = row
         print(f"{'busy neighbour' if busy else 'quiet'}: "
               + ", ".join(f"{k} {v:.2f}" if "/" in k else f"{k} {v:.1f} tok/s" for k, v in row.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
     return report
 
 

@@ -1,6 +1,6 @@
 """Task metric of quantised decoding against fp32, on the same test prompts.
 
-    python -m benchmarks.quant_quality snips squad mbpp --limit 40 [--weights gguf,q8_0] [--json out.json]
+    python -m benchmarks.quant_quality snips squad mbpp --limit 40 [--weights gguf,q8_0] [--splits test] [--json out.json]
 
 For each spec, greedy outputs of the model in float32 and in each quantised weight format
 (``gguf``: the GGUF file's own blocks; ``q8_0``/``q4_0``/``q4_1``: quantised at load), scored
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import pandas as pd
 import torch
 
 
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--weights", default="gguf,q8_0")
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--splits", default="test",
+                    help="corpus splits to draw prompts from, comma-separated (a model fine-tuned on 'train' has "
+                         "seen those prompts: fine for comparing weight formats, not for the metric's level)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -45,7 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.specs:
         spec = load_spec(name)
         corpus = ingest_flow(name)
-        rows = spread_sample(store.read_corpus(corpus["path"], split="test"), args.limit).to_dict("records")
+        table = pd.concat([store.read_corpus(corpus["path"], split=split) for split in args.splits.split(",")],
+                          ignore_index=True)
+        rows = spread_sample(table, args.limit).to_dict("records")
         cfg = DecodeConfig(max_new_tokens=spec.generation.max_new_tokens, stop=spec.generation.stop)
         texts = {w: [o.text for o in generate(lm.backend, lm.tokenizer, rows, None, "greedy", cfg, spec.system_prompt,
                                               spec.chat_template)] for w, lm in loaded.items()}
@@ -58,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
                         # paired: the prompts this format scores better / worse than fp32 on
                         "better": sum(a > b for a, b in zip(scores, base, strict=True)),
                         "worse": sum(a < b for a, b in zip(scores, base, strict=True))}
-        report["specs"][name] = {"metric": spec.metric, "prompts": len(rows), "results": entry}
-        print(f"\n{name} ({len(rows)} prompts, metric {spec.metric})")
+        report["specs"][name] = {"metric": spec.metric, "prompts": len(rows), "splits": args.splits, "results": entry}
+        print(f"\n{name} ({len(rows)} prompts from {args.splits}, metric {spec.metric})")
         print("| weights | metric | chrF | same text as fp32 | prompts better / worse than fp32 |\n|---|---|---|---|---|")
         for w, e in entry.items():
             print(f"| {loaded[w].weights} | {e['metric']:.3f} | {e['chrf']:.2f} | {e['same_as_fp32']:.2f} "

@@ -6,7 +6,8 @@ whole time slice now and then, and every region waits for it: two threads then d
 times slower than one (measurements: docs/performance.md). :class:`ThreadBudget` watches how
 busy the machine is apart from this process (``/proc/stat`` against ``/proc/self/stat``, read
 at most every ``interval`` seconds) and grants one thread while the other cores are taken, the
-requested count otherwise. The thread count never changes a result (tasc's kernels compute
+requested count otherwise. After an idle spell the verdict from before it stands while a fresh
+window starts: what ran during the spell says little about now. The thread count never changes a result (tasc's kernels compute
 every output the same way on any number of threads), only how fast it comes.
 """
 

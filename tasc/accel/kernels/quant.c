@@ -574,9 +574,9 @@ static TGT int NAME(run)(int type, const float *x, int M, int K, const uint8_t *
     {
         const int t = omp_get_thread_num();
         float tmp[RMAX * GROUP];
-        /* The activations first, a block of a chunk's rows at a time, shared out among the threads:
-         * serial, this was a tenth of a multi-row step on two threads. Chunk c holds rows
-         * c R + min(c, M % chunks).., its records at act + REC nb m0. */
+        /* The activations first, a block of a chunk's rows at a time, shared out among the
+         * threads (done by one, it kept the others waiting in every multi-row product). Chunk c
+         * holds rows m0 = c (M / chunks) + min(c, M % chunks).., its records at act + REC nb m0. */
 #pragma omp for schedule(static)
         for (int u = 0; u < chunks * nb; u++) {
             const int c = u / nb, R = M / chunks + (c < M % chunks), m0 = c * (M / chunks) + (c < M % chunks ? c : M % chunks);
