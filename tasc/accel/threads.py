@@ -6,8 +6,9 @@ whole time slice now and then, and every region waits for it: two threads then d
 times slower than one (measurements: docs/performance.md). :class:`ThreadBudget` watches how
 busy the machine is apart from this process (``/proc/stat`` against ``/proc/self/stat``, read
 at most every ``interval`` seconds) and grants one thread while the other cores are taken, the
-requested count otherwise. After an idle spell the verdict from before it stands while a fresh
-window starts: what ran during the spell says little about now. The thread count never changes a result (tasc's kernels compute
+requested count otherwise. After an idle spell the window covers all of it (a job that has
+ended since, another benchmark): the verdict is taken from it, then checked again soon over a
+short window of the present. The thread count never changes a result (tasc's kernels compute
 every output the same way on any number of threads), only how fast it comes.
 """
 
@@ -41,9 +42,11 @@ def _own_busy() -> float | None:
 class ThreadBudget:
     """Grants ``requested`` threads, or one while other processes keep the other cores busy."""
 
-    def __init__(self, interval: float = 0.25, crowded: float = 0.5, stale: float = 1.0):
+    def __init__(self, interval: float = 0.25, crowded: float = 0.5, stale: float = 1.0, recheck: float = 0.05):
         self.interval = interval  # seconds between looks at the machine
-        self.stale = stale  # a window longer than this (an idle spell) says little about now
+        self.stale = stale  # a window longer than this spans an idle spell
+        self.recheck = recheck  # seconds to the next look after one over an idle spell
+        self._soon = False
         self.crowded = crowded  # others' load, in cores, above which the machine is taken
         self.cores = os.cpu_count() or 1
         self.taken = False
@@ -63,11 +66,9 @@ class ThreadBudget:
         if requested <= 1 or self.cores <= 1:
             return max(requested, 1)
         since = time.monotonic() - self._last[0]
-        if since >= self.stale:
-            # The first look after an idle spell: what ran meanwhile (another benchmark, a job
-            # that has ended) is not what runs now. Keep the last verdict, start a fresh window.
-            self.others()
-        elif since >= self.interval:
+        if since >= (self.recheck if self._soon else self.interval):
+            # A window over an idle spell may hold load that has ended since: look again soon.
+            self._soon = since >= self.stale
             load = self.others()
             if load is not None:
                 # Another process on at least half a core of the ones we would use: one thread.
