@@ -237,3 +237,23 @@ def test_the_portable_decoder_build_gives_the_avx2_builds_results_bitwise(tiny_m
         monkeypatch.setattr(fused, "decoder_library", lambda b=build: real(b))
         results.append(_lean_steps(lean, chunks))
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_the_fused_steps_embeddings_and_rotary_rows_are_the_models(tiny_model_dir):
+    """The fused step reads embeddings and rotary rows from tables instead of the model's
+    modules (no torch op a step): the same values as the modules give, and a position's rotary
+    row is the same whichever step carries it, also after the table grows."""
+    lm = load_model(str(tiny_model_dir), dtype="q8_0", device="cpu", kernels="auto")
+    lean = lm.backend.lean
+    step, base = lean.fused, lean.base
+    ids = [5, 17, 300, 5]
+    assert torch.equal(step._embed(ids), base.embed_tokens(torch.tensor([ids]))[0])
+    h = step._embed(ids)
+    cos1, sin1 = step._rotary(np.array([7]), h)
+    cos3, sin3 = step._rotary(np.array([5, 6, 7]), h)
+    assert torch.equal(cos1[0], cos3[2]) and torch.equal(sin1[0], sin3[2])
+    want_cos, want_sin = base.rotary_emb(h[None], torch.tensor([[5, 6, 7]]))
+    assert torch.allclose(cos3, want_cos[0], atol=1e-6) and torch.allclose(sin3, want_sin[0], atol=1e-6)
+    rows = len(step.rope[1])
+    far_cos, _ = step._rotary(np.array([7, rows + 3]), h)  # the table grows
+    assert len(step.rope[1]) > rows and torch.equal(far_cos[0], cos1[0])

@@ -81,6 +81,8 @@ class FusedStep:
         self.isa = quant.ISAS.index(quant.isa())
         self.stamps = None
         self.local = threading.local()  # a scratch buffer per calling thread
+        self.rope = None  # (inv_freq tensor, cos table, sin table) by position, see _rotary
+        self.table = None  # (embedding weight, its numpy view), see _embed
         self.refresh()
 
     def _scratch(self, floats: int) -> np.ndarray:
@@ -113,6 +115,37 @@ class FusedStep:
         self.final_norm = self.lean.base.norm.weight.detach()
         self.layers, self.stamps = layers, stamps
 
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        """(T, hidden) float32 embeddings, a copy. Indexed in numpy where the table is a plain
+        float32 nn.Embedding: torch's own ops cost more per step than the copy, and they run on
+        torch's thread pool, which stalls beside a busy neighbour (tasc.accel.threads)."""
+        embed = self.lean.base.embed_tokens
+        w = embed.weight
+        if type(embed) is not torch.nn.Embedding or w.dtype != torch.float32 or not w.is_contiguous():
+            return embed(torch.as_tensor([ids], dtype=torch.long))[0].contiguous().clone()
+        if self.table is None or self.table[0] is not w:  # a view: in-place changes show through
+            self.table = w, w.detach().numpy()
+        return torch.from_numpy(self.table[1][ids])
+
+    def _rotary(self, positions: np.ndarray, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary cos and sin rows of ``positions``, (T, head_dim) float32 each: rows of a
+        table the model's rotary module computed for positions 0..n-1 (grown as needed), the
+        same values bitwise (every element is its own product, cosine and sine). Rotary types
+        whose frequencies depend on the sequence length are computed per step instead."""
+        rotary = self.lean.base.rotary_emb
+        kind = str(getattr(rotary, "rope_type", "default"))
+        if "dynamic" in kind or kind == "longrope" or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
+            cos, sin = rotary(h[None], torch.from_numpy(positions)[None])
+            return cos[0].float().contiguous(), sin[0].float().contiguous()
+        need = int(positions.max()) + 1
+        if self.rope is None or self.rope[0] is not rotary.inv_freq or len(self.rope[1]) < need:
+            # A multiple of 512 rows: torch's elementwise loops then take every element through
+            # the same vector code (a tail would go through scalar code, with other last bits).
+            n = max(-(-need // 512) * 512, 2 * len(self.rope[1]) if self.rope is not None else 512)
+            cos, sin = rotary(h[:1][None], torch.arange(n)[None])
+            self.rope = rotary.inv_freq, cos[0].float().numpy().copy(), sin[0].float().numpy().copy()
+        return torch.from_numpy(self.rope[1][positions]), torch.from_numpy(self.rope[2][positions])
+
     def __call__(self, ids: list[int], cache) -> torch.Tensor:
         """As LeanDecoder.forward for a step of at most ``packed.LONG`` tokens."""
         return self.many([(ids, cache)])[0]
@@ -128,11 +161,9 @@ class FusedStep:
         t = sum(counts)
         for kv, k in zip(caches, counts, strict=True):
             kv.reserve(k)
-        flat = [i for ids, _ in batch for i in ids]
-        h = lean.base.embed_tokens(torch.as_tensor([flat], dtype=torch.long))[0].contiguous().clone()
-        positions = torch.cat([torch.arange(p, p + k) for p, k in zip(pasts, counts, strict=True)])
-        cos, sin = lean.base.rotary_emb(h[None], positions[None])
-        cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        h = self._embed([i for ids, _ in batch for i in ids])
+        positions = np.concatenate([np.arange(p, p + k) for p, k in zip(pasts, counts, strict=True)])
+        cos, sin = self._rotary(positions, h)
         threads = BUDGET.threads(torch.get_num_threads())
         hd, nq, nkv = lean.head_dim, lean.heads * lean.head_dim, lean.kv_heads * lean.head_dim
         longest = max(p + k for p, k in zip(pasts, counts, strict=True))
@@ -147,7 +178,10 @@ class FusedStep:
             raise RuntimeError(f"decoder step: {quant.ERRORS.get(rc, rc)}")
         for kv, p, k in zip(caches, pasts, counts, strict=True):
             kv.length = p + k
-        return list(torch.split(h, counts))
+        if len(batch) == 1:
+            return [h]
+        ends = np.cumsum(counts).tolist()
+        return [h[e - k : e] for e, k in zip(ends, counts, strict=True)]
 
 
 def make_fused_step(lean) -> FusedStep | None:
