@@ -257,3 +257,30 @@ def test_the_fused_steps_embeddings_and_rotary_rows_are_the_models(tiny_model_di
     rows = len(step.rope[1])
     far_cos, _ = step._rotary(np.array([7, rows + 3]), h)  # the table grows
     assert len(step.rope[1]) > rows and torch.equal(far_cos[0], cos1[0])
+
+
+def test_a_long_prompt_goes_through_the_fused_step_with_rows_independent_of_the_split(tiny_model_dir):
+    """A prompt over packed.LONG tokens on quantised weights runs through the fused step LONG
+    tokens at a time: each position's hidden state is bitwise what steps of any other length
+    give, and the fused step did the work (not the dequantised weights' BLAS path)."""
+    lm = load_model(str(tiny_model_dir), dtype="q8_0", device="cpu", kernels="auto")
+    lean = lm.backend.lean
+    long = packed.LONG
+    ids = np.random.default_rng(5).integers(0, 700, long * 2 + 13).tolist()
+    calls, real = [], lean.fused
+
+    class Counting:  # the fused step, counting the tokens of each call
+        def __call__(self, chunk, cache):
+            calls.append(len(chunk))
+            return real(chunk, cache)
+
+    lean.fused = Counting()
+    try:
+        whole = lean.forward(ids, lean.new_cache(8))
+    finally:
+        lean.fused = real
+    assert calls == [long, long, 13]
+    pieces, cache = [], lean.new_cache(8)
+    for i in range(0, len(ids), 10):
+        pieces.append(lean.forward(ids[i : i + 10], cache))
+    assert torch.equal(whole, torch.cat(pieces))

@@ -14,7 +14,8 @@ activation); the linears are tasc's packed fp32 or quantised kernels, whose rows
 on the other rows of the call; decode and verify steps (up to ``packed.LONG`` tokens) attend
 row by row (tasc.accel.attention.attend_rows), since torch's attention kernels block by the
 number of query rows. A prompt prefill (more tokens) runs each module as transformers would
-(BLAS linears, the model's attention function), shared by greedy and speculative decoding.
+(BLAS linears, the model's attention function), shared by greedy and speculative decoding; with
+the fused quantised step (tasc.accel.fused) a prompt goes through that step LONG tokens at a time.
 Against ``model.base_model(...)`` with the same linear kernels the hidden states agree up to
 the rounding of attention. Linears that share an input (q/k/v, gate/up) run as one GEMM: each
 output column is computed on its own, so the fused output has the same columns; with packed
@@ -207,9 +208,13 @@ class LeanDecoder:
         """ids: T new token ids after ``cache.length`` cached ones -> (T, hidden) float32, the
         final normed hidden states (the input of the LM head); the cache grows by T."""
         t, past = len(ids), cache.length
-        if self.fused is not None and t <= LONG:
+        if self.fused is not None:
+            # A long prompt in steps of LONG tokens: the int8 products beat the dequantised
+            # fp32 weights' matrix products at any prompt length (docs/performance.md).
             self.steps += 1
-            return self.fused(ids, cache)
+            if t <= LONG:
+                return self.fused(ids, cache)
+            return torch.cat([self.fused(ids[i : i + LONG], cache) for i in range(0, t, LONG)])
         s = past + t
         cache.reserve(t)
         h = self.base.embed_tokens(torch.as_tensor([ids], dtype=torch.long))[0]
