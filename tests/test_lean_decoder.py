@@ -268,8 +268,12 @@ def test_a_long_prompt_goes_through_the_fused_step_with_rows_independent_of_the_
     long = packed.LONG
     ids = np.random.default_rng(5).integers(0, 700, long * 2 + 13).tolist()
     calls, real = [], lean.fused
+    if not real.vectorised:
+        pytest.skip("the portable C kernel leaves long prompts to BLAS")
 
     class Counting:  # the fused step, counting the tokens of each call
+        vectorised = real.vectorised
+
         def __call__(self, chunk, cache):
             calls.append(len(chunk))
             return real(chunk, cache)

@@ -79,6 +79,7 @@ class FusedStep:
         self.hidden, self.ffn = cfg.hidden_size, lean.layers[0].gate_up.quant.n // 2
         self.mm = ctypes.cast(quant.library().tasc_quant_matmul, ctypes.c_void_p).value
         self.isa = quant.ISAS.index(quant.isa())
+        self.vectorised = quant.isa() != "ref"  # the portable C variant: long prompts go to BLAS
         self.stamps = None
         self.local = threading.local()  # a scratch buffer per calling thread
         self.rope = None  # (inv_freq tensor, cos table, sin table) by position, see _rotary

@@ -208,8 +208,8 @@ class LeanDecoder:
         """ids: T new token ids after ``cache.length`` cached ones -> (T, hidden) float32, the
         final normed hidden states (the input of the LM head); the cache grows by T."""
         t, past = len(ids), cache.length
-        if self.fused is not None:
-            # A long prompt in steps of LONG tokens: the int8 products beat the dequantised
+        if self.fused is not None and (t <= LONG or self.fused.vectorised):
+            # A long prompt in steps of LONG tokens: SIMD int8 products beat the dequantised
             # fp32 weights' matrix products at any prompt length (docs/performance.md).
             self.steps += 1
             if t <= LONG:
