@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
             if spin:
                 spin.kill()
         report["busy neighbour" if busy else "quiet"] = row
+        report[f"{'busy neighbour' if busy else 'quiet'}: every run"] = runs
         print(f"{'busy neighbour' if busy else 'quiet'}: "
               + ", ".join(f"{k} {v:.2f}" if "/" in k else f"{k} {v:.1f} tok/s" for k, v in row.items()))
     if args.json:
