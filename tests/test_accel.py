@@ -176,12 +176,12 @@ def test_thread_budget_looks_again_soon_after_an_idle_spell():
 
     from tasc.accel.threads import ThreadBudget
 
-    budget = ThreadBudget(interval=0.5, stale=1.0, recheck=0.05)
+    budget = ThreadBudget(interval=5.0, stale=10.0, recheck=0.05)  # wide margins for a slow machine
     if budget.cores < 2 or budget.others() is None:
         pytest.skip("needs two cores and /proc")
     looks, look = [], budget.others
     budget.others = lambda: looks.append(time.monotonic()) or look()
-    budget._last = (time.monotonic() - 5.0, *budget._last[1:])  # the last look, 5 s ago
+    budget._last = (time.monotonic() - 50.0, *budget._last[1:])  # the last look, 50 s ago
     budget.threads(2)
     time.sleep(0.1)
     budget.threads(2)  # soon after the look over the spell: another look
