@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     tasc_rate(1)  # warm-up: kernels built, caches filled
     report = {"weights": lm.weights, "kernels": lm.kernels}
     for busy in (False, True):
+        phase = "busy neighbour" if busy else "quiet"
         spin = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
         time.sleep(0.5)
         try:
@@ -72,10 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             if spin:
                 spin.kill()
-        report["busy neighbour" if busy else "quiet"] = row
-        report[f"{'busy neighbour' if busy else 'quiet'}: every run"] = runs
-        print(f"{'busy neighbour' if busy else 'quiet'}: "
-              + ", ".join(f"{k} {v:.2f}" if "/" in k else f"{k} {v:.1f} tok/s" for k, v in row.items()))
+        report[phase], report[f"{phase}: every run"] = row, runs
+        print(f"{phase}: " + ", ".join(f"{k} {v:.2f}" if "/" in k else f"{k} {v:.1f} tok/s" for k, v in row.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -82,6 +82,11 @@ class FusedStep:
         self.vectorised = quant.isa() != "ref"  # the portable C variant: long prompts go to BLAS
         self.stamps = None
         self.local = threading.local()  # a scratch buffer per calling thread
+        rotary = lean.base.rotary_emb
+        kind = str(getattr(rotary, "rope_type", "default"))
+        # Frequencies that depend on the sequence length cannot come from a table (see _rotary).
+        self.rope_table = not ("dynamic" in kind or kind == "longrope"
+                               or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor))
         self.rope = None  # (inv_freq tensor, cos table, sin table) by position, see _rotary
         self.table = None  # (embedding weight, its numpy view), see _embed
         self.refresh()
@@ -122,10 +127,11 @@ class FusedStep:
         torch's thread pool, which stalls beside a busy neighbour (tasc.accel.threads)."""
         embed = self.lean.base.embed_tokens
         w = embed.weight
-        if type(embed) is not torch.nn.Embedding or w.dtype != torch.float32 or not w.is_contiguous():
-            return embed(torch.as_tensor([ids], dtype=torch.long))[0].contiguous().clone()
         if self.table is None or self.table[0] is not w:  # a view: in-place changes show through
-            self.table = w, w.detach().numpy()
+            plain = type(embed) is torch.nn.Embedding and w.dtype == torch.float32 and w.is_contiguous()
+            self.table = w, w.detach().numpy() if plain else None
+        if self.table[1] is None:
+            return embed(torch.as_tensor([ids], dtype=torch.long))[0].contiguous().clone()
         return torch.from_numpy(self.table[1][ids])
 
     def _rotary(self, positions: np.ndarray, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,8 +140,7 @@ class FusedStep:
         same values bitwise (every element is its own product, cosine and sine). Rotary types
         whose frequencies depend on the sequence length are computed per step instead."""
         rotary = self.lean.base.rotary_emb
-        kind = str(getattr(rotary, "rope_type", "default"))
-        if "dynamic" in kind or kind == "longrope" or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
+        if not self.rope_table:
             cos, sin = rotary(h[None], torch.from_numpy(positions)[None])
             return cos[0].float().contiguous(), sin[0].float().contiguous()
         need = int(positions.max()) + 1

@@ -212,9 +212,8 @@ class LeanDecoder:
             # A long prompt in steps of LONG tokens: SIMD int8 products beat the dequantised
             # fp32 weights' matrix products at any prompt length (docs/performance.md).
             self.steps += 1
-            if t <= LONG:
-                return self.fused(ids, cache)
-            return torch.cat([self.fused(ids[i : i + LONG], cache) for i in range(0, t, LONG)])
+            parts = [self.fused(ids[i : i + LONG], cache) for i in range(0, t, LONG)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
         s = past + t
         cache.reserve(t)
         h = self.base.embed_tokens(torch.as_tensor([ids], dtype=torch.long))[0]

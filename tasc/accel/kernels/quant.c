@@ -57,6 +57,9 @@ enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 }; /* GGML type ids */
 
 static int qbytes(int type) { return type == Q8_0 ? 512 : 256; } /* quant bytes a group-block */
 static int nscales(int type) { return type == Q4_1 ? 32 : 16; }  /* fp16 values a group-block */
+/* M rows in `chunks` chunks as even as possible: chunk c's row count and first row. */
+static inline int chunk_rows(int M, int chunks, int c) { return M / chunks + (c < M % chunks); }
+static inline int chunk_start(int M, int chunks, int c) { return c * (M / chunks) + (c < M % chunks ? c : M % chunks); }
 
 /* A chunk's activation record of block b (see quantize): REC bytes a row. */
 #define REC 44
@@ -575,12 +578,12 @@ static TGT int NAME(run)(int type, const float *x, int M, int K, const uint8_t *
         const int t = omp_get_thread_num();
         float tmp[RMAX * GROUP];
         /* The activations first, a block of a chunk's rows at a time, shared out among the
-         * threads (done by one, it kept the others waiting in every multi-row product). Chunk c
-         * holds rows m0 = c (M / chunks) + min(c, M % chunks).., its records at act + REC nb m0. */
+         * threads (done by one, it kept the others waiting in every multi-row product). Chunk c's
+         * records start at act + REC nb m0, m0 its first row. */
 #pragma omp for schedule(static)
         for (int u = 0; u < chunks * nb; u++) {
-            const int c = u / nb, R = M / chunks + (c < M % chunks), m0 = c * (M / chunks) + (c < M % chunks ? c : M % chunks);
-            NAME(quantize)(type, x + (size_t)m0 * K, R, K, u % nb, act + (size_t)REC * nb * m0);
+            const int c = u / nb, m0 = chunk_start(M, chunks, c);
+            NAME(quantize)(type, x + (size_t)m0 * K, chunk_rows(M, chunks, c), K, u % nb, act + (size_t)REC * nb * m0);
         }
         for (;;) {
             int j0;
@@ -591,7 +594,7 @@ static TGT int NAME(run)(int type, const float *x, int M, int K, const uint8_t *
             for (int j = j0; j < j0 + run && j < G; j++) {
                 const int cols = N - GROUP * j < GROUP ? N - GROUP * j : GROUP;
                 for (int c = 0, m0 = 0; c < chunks; c++) {
-                    const int R = M / chunks + (c < M % chunks);
+                    const int R = chunk_rows(M, chunks, c);
                     const uint8_t *a = act + (size_t)REC * nb * m0;
                     if (out && cols == GROUP) {
                         NAME(tile)(type, R, a, nb, qs + j * gq, sc + j * gs, out + (size_t)m0 * N + (size_t)GROUP * j, N);
