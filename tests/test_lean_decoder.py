@@ -242,21 +242,43 @@ def test_the_portable_decoder_build_gives_the_avx2_builds_results_bitwise(tiny_m
 def test_the_fused_steps_embeddings_and_rotary_rows_are_the_models(tiny_model_dir):
     """The fused step reads embeddings and rotary rows from tables instead of the model's
     modules (no torch op a step): the same values as the modules give, and a position's rotary
-    row is the same whichever step carries it, also after the table grows."""
+    row is the same in a table grown later."""
     lm = load_model(str(tiny_model_dir), dtype="q8_0", device="cpu", kernels="auto")
     lean = lm.backend.lean
     step, base = lean.fused, lean.base
     ids = [5, 17, 300, 5]
-    assert torch.equal(step._embed(ids), base.embed_tokens(torch.tensor([ids]))[0])
-    h = step._embed(ids)
-    cos1, sin1 = step._rotary(np.array([7]), h)
-    cos3, sin3 = step._rotary(np.array([5, 6, 7]), h)
-    assert torch.equal(cos1[0], cos3[2]) and torch.equal(sin1[0], sin3[2])
-    want_cos, want_sin = base.rotary_emb(h[None], torch.tensor([[5, 6, 7]]))
-    assert torch.allclose(cos3, want_cos[0], atol=1e-6) and torch.allclose(sin3, want_sin[0], atol=1e-6)
-    rows = len(step.rope[1])
-    far_cos, _ = step._rotary(np.array([7, rows + 3]), h)  # the table grows
-    assert len(step.rope[1]) > rows and torch.equal(far_cos[0], cos1[0])
+    want = base.embed_tokens(torch.tensor([ids]))[0]
+    assert torch.equal(torch.from_numpy(step.embeddings()[ids]), want)
+    cos, sin = step.rope_rows(8)
+    want_cos, want_sin = base.rotary_emb(want[None], torch.tensor([[5, 6, 7]]))
+    assert torch.allclose(torch.from_numpy(cos[5:8]), want_cos[0], atol=1e-6)
+    assert torch.allclose(torch.from_numpy(sin[5:8]), want_sin[0], atol=1e-6)
+    rows, row7 = len(cos), cos[7].copy()
+    grown, _ = step.rope_rows(rows + 3)
+    assert len(grown) > rows and np.array_equal(grown[7], row7)
+
+
+def test_the_fused_step_ends_in_the_heads_argmax_of_its_rows_and_rejects_unknown_ids(tiny_model_dir):
+    """A greedy step in one C call (layers, then the quantised head's argmax of the kept rows)
+    gives the ids the head gives for the rows of the plain fused step, alone and for several
+    requests at once; a token id outside the embedding table fails before the cache moves."""
+    lm = load_model(str(tiny_model_dir), dtype="q4_1", device="cpu", kernels="auto")
+    lean, head = lm.backend.lean, lm.backend.head
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(0, 700, n).tolist() for n in (9, 3, 14)]
+    plain = [lean.new_cache(8) for _ in prompts]
+    want = [head(lean.forward(p, c)[-k:].numpy()).tolist() for p, c, k in zip(prompts, plain, (1, 3, 5), strict=True)]
+    one = lean.new_cache(8)
+    assert lean.argmax_many([(prompts[0], one, 1)], head) == [want[0]]
+    together = [lean.new_cache(8) for _ in prompts]
+    got = lean.argmax_many([(p, c, k) for p, c, k in zip(prompts, together, (1, 3, 5), strict=True)], head)
+    assert got == want
+    for a, b in zip(plain, together, strict=True):
+        assert a.length == b.length and torch.equal(a.keys[:, :, :, : a.length], b.keys[:, :, :, : b.length])
+    vocab = lean.base.embed_tokens.weight.shape[0]
+    with pytest.raises(IndexError, match="token id out of range"):
+        lean.argmax_many([([3, vocab], one, 1)], head)
+    assert one.length == 9
 
 
 def test_a_long_prompt_goes_through_the_fused_step_with_rows_independent_of_the_split(tiny_model_dir):

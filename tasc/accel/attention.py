@@ -33,8 +33,7 @@ def decoder_library(build: str | None = None):
     ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.tasc_attend.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, f32, ptr, ptr, i32]
     lib.tasc_attend.restype = None
-    lib.tasc_decoder_step.argtypes = [i32, i32, i32, i32, i32, i32, i32, f32, f32, ptr, ptr, ptr, ptr, ptr, i32,
-                                      ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, ptr]
+    lib.tasc_decoder_step.argtypes = [ptr, ptr, ptr, ptr]  # tasc.accel.fused's _Model and _Step
     lib.tasc_decoder_step.restype = i32
     return lib
 

@@ -155,6 +155,9 @@ class Steps:
             return self.step(ids, keep).argmax(dim=-1).tolist()
         self.passes += 1
         if self.lean is not None:
+            fused = self.lean.argmax_many([(list(ids), self.cache, keep)], self.head)
+            if fused is not None:
+                return fused[0]
             hidden = self.lean.forward(list(ids), self.cache)[-keep:]
         else:
             x = torch.as_tensor([list(ids)], dtype=torch.long, device=self.model.device)
@@ -177,12 +180,16 @@ def argmax_together(batch: Sequence[tuple[Steps, Sequence[int], int]]) -> list[l
     lean, head = first.lean, first.head
     if lean is None or lean.fused is None or head is None or any(s.backend is not first.backend for s, _, _ in batch):
         return [steps.argmax(ids, keep) for steps, ids, keep in batch]
+    for steps, _, _ in batch:
+        steps.passes += 1
+    fused = lean.argmax_many([(list(ids), steps.cache, keep) for steps, ids, keep in batch], head)
+    if fused is not None:
+        return fused
     hidden = lean.forward_many([(list(ids), steps.cache) for steps, ids, _ in batch])
     rows = torch.cat([h[-keep:] for h, (_, _, keep) in zip(hidden, batch, strict=True)]).numpy()
     ids = np.concatenate([head(rows[i : i + head.max_rows]) for i in range(0, len(rows), head.max_rows)])
     out, at = [], 0
-    for steps, _, keep in batch:
-        steps.passes += 1
+    for _, _, keep in batch:
         out.append(ids[at : at + keep].tolist())
         at += keep
     return out

@@ -2,10 +2,14 @@
 
 Run op by op from Python, a small model's step costs more in per-operation overhead than in
 arithmetic once its weights are quantised. :class:`FusedStep` hands the whole layer stack of a
-step (up to ``packed.LONG`` tokens) to ``kernels/decoder.c``: RMSNorm, the fused q/k/v, output,
-gate/up and down linears on the quantised kernel (tasc.accel.quant), rotary from the model's own
-rotary module, the KV cache writes and the row-wise attention of tasc.accel.attention. Every
-piece is row-wise, so a k-token verify step still gives bitwise the rows of k one-token steps.
+step (up to ``packed.LONG`` tokens) to ``kernels/decoder.c``: the embedding rows, RMSNorm, the
+fused q/k/v, output, gate/up and down linears on the quantised kernel (tasc.accel.quant), rotary
+rows the model's own rotary module computed, the KV cache writes, the row-wise attention of
+tasc.accel.attention and, for greedy steps (:meth:`FusedStep.argmax`), the quantised LM head's
+argmax of the kept rows. Every piece is row-wise, so a k-token verify step still gives bitwise
+the rows of k one-token steps. The Python side keeps the pointers it passes between steps: a
+step streams the weights through the caches, and the interpreter's work right after one runs
+from memory, so each object it makes there costs microseconds.
 
 Where it applies: a :class:`~tasc.accel.lean_decoder.LeanDecoder` whose layer linears are all
 quantised, with RMSNorm norms (weight times x / rms), SiLU-gated MLPs, no bias but on q/k/v,
@@ -37,6 +41,19 @@ class _Linear(ctypes.Structure):
 class _Layer(ctypes.Structure):
     _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("qkv", _Linear), ("o", _Linear),
                 ("gate_up", _Linear), ("down", _Linear)]
+
+
+class _Model(ctypes.Structure):  # kernels/decoder.c's qmodel
+    _fields_ = [(name, ctypes.c_int) for name in ("L", "D", "H", "Hkv", "hd", "F", "vocab")] + [
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("layers", ctypes.c_void_p),
+        ("final_norm", ctypes.c_void_p), ("embed", ctypes.c_void_p), ("head", _Linear), ("mm", ctypes.c_void_p),
+        ("am", ctypes.c_void_p), ("isa", ctypes.c_int)]
+
+
+class _Step(ctypes.Structure):  # kernels/decoder.c's qstep
+    _fields_ = [("T", ctypes.c_int), ("S", ctypes.c_int), ("threads", ctypes.c_int)] + [
+        (name, ctypes.c_void_p) for name in ("ids", "cos", "sin")] + [("by_position", ctypes.c_int)] + [
+        (name, ctypes.c_void_p) for name in ("n", "past", "cap", "keys", "values", "keep", "out")]
 
 
 def _eps(norm) -> float | None:
@@ -74,30 +91,35 @@ class FusedStep:
     def __init__(self, lean):
         cfg = lean.model.config
         self.lean = lean
-        self.eps = _eps(lean.base.norm)
-        self.scale = float(lean.layers[0].attn.scaling)
         self.hidden, self.ffn = cfg.hidden_size, lean.layers[0].gate_up.quant.n // 2
-        self.mm = ctypes.cast(quant.library().tasc_quant_matmul, ctypes.c_void_p).value
-        self.isa = quant.ISAS.index(quant.isa())
+        lib = quant.library()
+        self.model = _Model(L=len(lean.layers), D=self.hidden, H=lean.heads, Hkv=lean.kv_heads, hd=lean.head_dim,
+                            F=self.ffn, eps=_eps(lean.base.norm), scale=float(lean.layers[0].attn.scaling),
+                            mm=ctypes.cast(lib.tasc_quant_matmul, ctypes.c_void_p).value,
+                            am=ctypes.cast(lib.tasc_quant_argmax, ctypes.c_void_p).value,
+                            isa=quant.ISAS.index(quant.isa()))
         self.vectorised = quant.isa() != "ref"  # the portable C variant: long prompts go to BLAS
         self.stamps = None
         self.local = threading.local()  # a scratch buffer per calling thread
         rotary = lean.base.rotary_emb
         kind = str(getattr(rotary, "rope_type", "default"))
-        # Frequencies that depend on the sequence length cannot come from a table (see _rotary).
+        # Frequencies that depend on the sequence length cannot come from a table (see rope_rows).
         self.rope_table = not ("dynamic" in kind or kind == "longrope"
                                or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor))
-        self.rope = None  # (inv_freq tensor, cos table, sin table) by position, see _rotary
-        self.table = None  # (embedding weight, its numpy view), see _embed
+        self.rope = None  # (inv_freq tensor, cos table, sin table, their addresses), see rope_rows
+        self.table = None  # (embedding weight, its numpy view or None), see embeddings
+        self.head = None  # the QuantWeight the model's head field points into
         self.refresh()
 
-    def _scratch(self, floats: int) -> np.ndarray:
-        """This thread's scratch of at least ``floats`` float32, kept between steps: a new
-        buffer every step would cost page faults on each."""
-        buf = getattr(self.local, "buf", None)
-        if buf is None or buf.size < floats:
-            buf = self.local.buf = np.empty(floats + floats // 2, dtype=np.float32)
-        return buf
+    def _scratch(self, name: str, floats: int) -> int:
+        """The address of this thread's buffer ``name`` of at least ``floats`` float32, kept
+        between steps: a new buffer every step would cost page faults on each."""
+        buf = getattr(self.local, name, None)
+        if buf is None or buf[0].size < floats:
+            array = np.empty(floats + floats // 2, dtype=np.float32)
+            buf = array, array.ctypes.data
+            setattr(self.local, name, buf)
+        return buf[1]
 
     def _linear(self, group) -> _Linear:
         qs, sc = group.quant.packed()
@@ -118,39 +140,38 @@ class FusedStep:
             self._keep += [n1, n2]
             layers[i] = _Layer(n1.data_ptr(), n2.data_ptr(), self._linear(mine.qkv), self._linear(mine.o),
                                self._linear(mine.gate_up), self._linear(mine.down))
-        self.final_norm = self.lean.base.norm.weight.detach()
+        final_norm = self.lean.base.norm.weight.detach()
+        self._keep.append(final_norm)
+        self.model.layers, self.model.final_norm = ctypes.addressof(layers), final_norm.data_ptr()
         self.layers, self.stamps = layers, stamps
 
-    def _embed(self, ids: list[int]) -> torch.Tensor:
-        """(T, hidden) float32 embeddings, a copy. Indexed in numpy where the table is a plain
-        float32 nn.Embedding: torch's own ops cost more per step than the copy, and they run on
-        torch's thread pool, which stalls beside a busy neighbour (tasc.accel.threads)."""
+    def embeddings(self) -> np.ndarray | None:
+        """The float32 (vocab, hidden) embedding table the step copies rows from (a view: in-place
+        changes show through), or None where the embedding is not a plain float32 table; then
+        the model's module computes them. Embeddings without torch ops: those cost more per step
+        than the copy, and run on torch's thread pool, which stalls beside a busy neighbour
+        (tasc.accel.threads)."""
         embed = self.lean.base.embed_tokens
         w = embed.weight
-        if self.table is None or self.table[0] is not w:  # a view: in-place changes show through
+        if self.table is None or self.table[0] is not w:
             plain = type(embed) is torch.nn.Embedding and w.dtype == torch.float32 and w.is_contiguous()
             self.table = w, w.detach().numpy() if plain else None
-        if self.table[1] is None:
-            return embed(torch.as_tensor([ids], dtype=torch.long))[0].contiguous().clone()
-        return torch.from_numpy(self.table[1][ids])
+            self.model.embed, self.model.vocab = (w.data_ptr(), len(w)) if plain else (None, 0)
+        return self.table[1]
 
-    def _rotary(self, positions: np.ndarray, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary cos and sin rows of ``positions``, (T, head_dim) float32 each: rows of a
-        table the model's rotary module computed for positions 0..n-1 (grown as needed), the
-        same values bitwise (every element is its own product, cosine and sine). Rotary types
-        whose frequencies depend on the sequence length are computed per step instead."""
+    def rope_rows(self, need: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rotary (cos, sin) tables, (rows, head_dim) float32 for positions 0..rows-1 with
+        rows >= ``need``: what the model's rotary module computed for those positions, bitwise
+        (every element is its own product, cosine and sine); grown as needed."""
         rotary = self.lean.base.rotary_emb
-        if not self.rope_table:
-            cos, sin = rotary(h[None], torch.from_numpy(positions)[None])
-            return cos[0].float().contiguous(), sin[0].float().contiguous()
-        need = int(positions.max()) + 1
         if self.rope is None or self.rope[0] is not rotary.inv_freq or len(self.rope[1]) < need:
             # A multiple of 512 rows: torch's elementwise loops then take every element through
             # the same vector code (a tail would go through scalar code, with other last bits).
             n = max(-(-need // 512) * 512, 2 * len(self.rope[1]) if self.rope is not None else 512)
-            cos, sin = rotary(h[:1][None], torch.arange(n)[None])
-            self.rope = rotary.inv_freq, cos[0].float().numpy().copy(), sin[0].float().numpy().copy()
-        return torch.from_numpy(self.rope[1][positions]), torch.from_numpy(self.rope[2][positions])
+            x = torch.zeros(1, 1, self.hidden)
+            cos, sin = (r[0].float().numpy().copy() for r in rotary(x, torch.arange(n)[None]))
+            self.rope = rotary.inv_freq, cos, sin, cos.ctypes.data, sin.ctypes.data
+        return self.rope[1], self.rope[2]
 
     def __call__(self, ids: list[int], cache) -> torch.Tensor:
         """As LeanDecoder.forward for a step of at most ``packed.LONG`` tokens."""
@@ -161,33 +182,72 @@ class FusedStep:
         each request's (len(ids), hidden) final normed hidden states. The rows share every
         linear (the weights are read once for all of them); each attends over its own cache.
         A request's rows come out bitwise as in a step of its own."""
-        lean, caches = self.lean, [c for _, c in batch]
         counts = [len(ids) for ids, _ in batch]
-        pasts = [c.length for c in caches]
-        t = sum(counts)
-        for kv, k in zip(caches, counts, strict=True):
-            kv.reserve(k)
-        h = self._embed([i for ids, _ in batch for i in ids])
-        positions = np.concatenate([np.arange(p, p + k) for p, k in zip(pasts, counts, strict=True)])
-        cos, sin = self._rotary(positions, h)
-        threads = BUDGET.threads(torch.get_num_threads())
-        hd, nq, nkv = lean.head_dim, lean.heads * lean.head_dim, lean.kv_heads * lean.head_dim
-        longest = max(p + k for p, k in zip(pasts, counts, strict=True))
-        scratch = self._scratch(t * (self.hidden + 3 * nq + 2 * nkv + 3 * self.ffn + 3) + threads * (longest + 8 + hd))
-        n_req, ints, ptrs = len(batch), ctypes.c_int * len(batch), ctypes.c_void_p * len(batch)
-        rc = decoder_library().tasc_decoder_step(
-            t, len(lean.layers), self.hidden, lean.heads, lean.kv_heads, hd, self.ffn, self.eps, self.scale,
-            h.data_ptr(), cos.data_ptr(), sin.data_ptr(), self.layers, self.final_norm.data_ptr(), n_req,
-            ints(*counts), ptrs(*[c.keys.data_ptr() for c in caches]), ptrs(*[c.values.data_ptr() for c in caches]),
-            ints(*[c.keys.shape[3] for c in caches]), ints(*pasts), self.mm, self.isa, threads, scratch.ctypes.data)
-        if rc:
-            raise RuntimeError(f"decoder step: {quant.ERRORS.get(rc, rc)}")
-        for kv, p, k in zip(caches, pasts, counts, strict=True):
-            kv.length = p + k
+        h = torch.empty(sum(counts), self.hidden)
+        self._step(batch, h.data_ptr(), None, None)
         if len(batch) == 1:
             return [h]
         ends = np.cumsum(counts).tolist()
         return [h[e - k : e] for e, k in zip(ends, counts, strict=True)]
+
+    def argmax(self, batch: Sequence[tuple[Sequence[int], object, int]], head: quant.QuantWeight) -> list[list[int]]:
+        """One step for several requests, (ids, cache, keep) each, ending in the greedy ids of
+        each request's last ``keep`` rows through the quantised LM head ``head``: the ids that
+        ``head.argmax`` gives for the hidden states :meth:`many` returns, in the same C call."""
+        if head is not self.head:
+            qs, sc = head.packed()
+            self.model.head = _Linear(qs.ctypes.data, sc.ctypes.data, None, quant.TYPES[head.fmt], head.n)
+            self.head = head
+        keeps = [keep for _, _, keep in batch]
+        out = (ctypes.c_int64 * sum(keeps))()
+        t = sum(len(ids) for ids, _, _ in batch)
+        self._step([(ids, cache) for ids, cache, _ in batch], self._scratch("h", t * self.hidden), keeps, out)
+        ids, at = list(out), 0
+        return [ids[at : (at := at + keep)] for keep in keeps]
+
+    def _step(self, batch, h: int, keeps: list[int] | None, out) -> None:
+        """The C call: ``batch`` (ids, cache) pairs; at address h (T, hidden) float32 the final
+        normed hidden states; with ``keeps``, in ``out`` (a ctypes int64 array) the greedy ids
+        of each request's last rows. Pointers come from values kept between steps: right after
+        a step the interpreter's data is out of the caches, and every object made costs."""
+        lean, caches, m = self.lean, [c for _, c in batch], self.model
+        counts, pasts = [len(ids) for ids, _ in batch], [c.length for c in caches]
+        t, s = sum(counts), len(batch)
+        for kv, k in zip(caches, counts, strict=True):
+            kv.reserve(k)
+        ids = [i for ids, _ in batch for i in ids]
+        if self.embeddings() is None:
+            embedded = lean.base.embed_tokens(torch.as_tensor([ids], dtype=torch.long))[0]
+            ctypes.memmove(h, embedded.contiguous().data_ptr(), embedded.numel() * 4)
+        longest = max(p + k for p, k in zip(pasts, counts, strict=True))
+        if self.rope_table:
+            self.rope_rows(longest)
+            rope = self.rope[3:]
+        else:  # rows for this step's positions only
+            positions = torch.from_numpy(np.concatenate([np.arange(p, p + k) for p, k in zip(pasts, counts,
+                                                                                             strict=True)]))
+            rows = [r[0].float().contiguous() for r in lean.base.rotary_emb(torch.zeros(1, 1, self.hidden),
+                                                                            positions[None])]
+            rope = [r.data_ptr() for r in rows]
+        threads = BUDGET.threads(torch.get_num_threads())
+        hd, nq, nkv = lean.head_dim, lean.heads * lean.head_dim, lean.kv_heads * lean.head_dim
+        scratch = self._scratch("work", t * (self.hidden + 3 * nq + 2 * nkv + 3 * self.ffn + 3)
+                                + threads * (longest + 8 + hd))
+        ints, ptrs = ctypes.c_int * s, ctypes.c_void_p * s
+        # ctypes arrays for the step's fields, alive until the call returns
+        arrays = [(ctypes.c_int * t)(*ids), ints(*counts), ints(*pasts), ints(*[c.keys.shape[3] for c in caches]),
+                  ptrs(*[c.keys.data_ptr() for c in caches]), ptrs(*[c.values.data_ptr() for c in caches]),
+                  ints(*keeps) if keeps is not None else None]
+        address = [ctypes.addressof(a) if a is not None else None for a in arrays]
+        step = _Step(t, s, threads, address[0], *rope, self.rope_table, *address[1:],
+                     ctypes.addressof(out) if out is not None else None)
+        rc = decoder_library().tasc_decoder_step(ctypes.byref(m), ctypes.byref(step), h, scratch)
+        if rc == -5:
+            raise IndexError(f"token id out of range: the embedding table has {m.vocab} rows, ids {ids}")
+        if rc:
+            raise RuntimeError(f"decoder step: {quant.ERRORS.get(rc, rc)}")
+        for kv, p, k in zip(caches, pasts, counts, strict=True):
+            kv.length = p + k
 
 
 def make_fused_step(lean) -> FusedStep | None:

@@ -47,7 +47,11 @@ class QuantHead:
         self.module = module
 
     def __call__(self, hidden: np.ndarray) -> np.ndarray:
-        return current_weight(self.module).argmax(np.ascontiguousarray(hidden, dtype=np.float32))
+        return self.weight().argmax(np.ascontiguousarray(hidden, dtype=np.float32))
+
+    def weight(self) -> quant.QuantWeight:
+        """The head's quantised weight as it is now (the fused step runs it inside its call)."""
+        return current_weight(self.module)
 
 
 def current_weight(module) -> quant.QuantWeight:

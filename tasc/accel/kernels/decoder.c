@@ -14,23 +14,30 @@
  *     fixed tree, out = (sum_j p_j v_j in j order) / z. So a row's output is bitwise the same whatever T, `past` split or
  *     thread count the call has: a k-token verify step gives exactly the rows of k one-token
  *     steps, and greedy speculative decoding stays lossless through attention.
- *   - tasc_decoder_step: every layer of the model for T new tokens of S requests (embeddings
- *     in h, final normed hidden states out; request s has the next n[s] rows, after past[s]
- *     tokens in its own cache), with the layer's linears in tasc.accel.quant's packed blocks
- *     multiplied by the matmul function passed in (tasc_quant_matmul: rows independent of each
- *     other), RMSNorm and SiLU computed per row in a fixed order, rotary from the cos/sin rows
- *     the model's rotary module gave, each row's key and value written into its request's
- *     cache at its position, and each row attending as in tasc_attend over its own request's
- *     cache. Every piece is row-wise, so the step keeps the attention's contract, and a row's
- *     result does not depend on the other requests that share the step (batched decoding
- *     gives each request's tokens of decoding it alone, bitwise).
+ *   - tasc_decoder_step: every layer of the model (qmodel) for T new tokens of S requests
+ *     (qstep): request s has the next n[s] rows, after past[s] tokens in its own cache. The
+ *     rows' embeddings are copied from the model's table by token id (or the caller put them in
+ *     h); h ends as the final normed hidden states. The layer's linears are in tasc.accel.quant's
+ *     packed blocks, multiplied by the matmul function passed in (tasc_quant_matmul: rows
+ *     independent of each other); RMSNorm and SiLU are computed per row in a fixed order, rotary
+ *     from cos/sin rows the model's rotary module gave (a table by position, or a row per step
+ *     row), each row's key and value written into its request's cache at its position, and each
+ *     row attends as in tasc_attend over its own request's cache. With `keep`, the step ends
+ *     with the greedy ids of each request's last keep[s] rows from the LM head's argmax function
+ *     (tasc_quant_argmax: rows independent too), so a decode or verify step is one call. Every
+ *     piece is row-wise, so the step keeps the attention's contract, and a row's result does not
+ *     depend on the other requests that share the step (batched decoding gives each request's
+ *     tokens of decoding it alone, bitwise).
  *   - D (head dim) and the hidden size are multiples of 8. Built for AVX2 + FMA, or with
  *     TASC_PORTABLE for any CPU with the same results bitwise.
  *
  * Why: torch's attention kernels choose their blocking by the number of query rows, so one
  * query row and the same row inside a chunk can differ in the last bits, and quantising the
  * next layer's activations to int8 turns such a bit into a different token now and then. The
- * whole step in C removes the per-operation overhead of running a small model op by op.
+ * whole step in C removes the per-operation overhead of running a small model op by op; the
+ * embeddings, rotary rows and the head's argmax inside it remove the Python work between
+ * steps, which runs slowly right after a step, the step's weight stream having evicted the
+ * interpreter's data from the core's caches.
  */
 #include <math.h>
 #include <omp.h>
@@ -242,6 +249,33 @@ typedef struct {
 
 typedef int (*matmul_fn)(int isa, int type, const float *x, int M, int K, const void *qs, const void *sc, int N,
                          float *out, int threads);
+typedef int (*argmax_fn)(int isa, int type, const float *x, int M, int K, const void *qs, const void *sc, int N,
+                         int64_t *ids, int threads);
+
+/* The model, set up once per weights by tasc.accel.fused. */
+typedef struct {
+    int L, D, H, Hkv, hd, F, vocab;
+    float eps, scale;
+    const qlayer *layers;
+    const float *final_norm;
+    const float *embed; /* (vocab, D) token embeddings; NULL: the caller puts them in h */
+    qlinear head;       /* the LM head of argmax steps (qs NULL: none) */
+    matmul_fn mm;
+    argmax_fn am;
+    int isa;
+} qmodel;
+
+/* One step of S requests. */
+typedef struct {
+    int T, S, threads;
+    const int *ids;         /* the T new token ids, request by request (read where the model has embed) */
+    const float *cos, *sin; /* rotary rows (hd floats each): row `position` of a table, else row r of the step */
+    int by_position;
+    const int *n, *past, *cap;
+    float *const *keys, *const *values; /* request s's cache (layers, Hkv, cap[s], hd) each */
+    const int *keep;        /* argmax: the last keep[s] rows of request s; NULL: no argmax */
+    int64_t *out;           /* their greedy ids, request by request */
+} qstep;
 
 /* RMSNorm of each row: the squares summed by 8 lanes of fused multiply-adds, the lanes in
  * hsum8's tree (D a multiple of 8). */
@@ -268,59 +302,63 @@ static int linear(matmul_fn mm, int isa, const qlinear *l, const float *x, int T
     return 0;
 }
 
-/* x (T, heads, hd) in place: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; by 8
- * lanes where they fit, the same operations a lane as the scalar tail. */
-static void rotary(float *x, const float *cos, const float *sin, int T, int heads, int hd, int stride) {
+/* One row's heads (heads * hd floats at x) in place: x * cos + rotate_half(x) * sin,
+ * rotate_half(x) = [-x2, x1]; by 8 lanes where they fit, the same operations a lane as the
+ * scalar tail. */
+static void rotary(float *x, const float *c, const float *s, int heads, int hd) {
     const int half = hd / 2, h8 = half & ~7;
-    for (int i = 0; i < T; i++)
-        for (int h = 0; h < heads; h++) {
-            float *r = x + (long)i * stride + h * hd;
-            const float *c = cos + (long)i * hd, *s = sin + (long)i * hd;
-            for (int d = 0; d < h8; d += 8) {
-                const __m256 a = _mm256_loadu_ps(r + d), b = _mm256_loadu_ps(r + d + half);
-                _mm256_storeu_ps(r + d, _mm256_sub_ps(_mm256_mul_ps(a, _mm256_loadu_ps(c + d)),
-                                                      _mm256_mul_ps(b, _mm256_loadu_ps(s + d))));
-                _mm256_storeu_ps(r + d + half, _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(c + d + half)),
-                                                             _mm256_mul_ps(a, _mm256_loadu_ps(s + d + half))));
-            }
-            for (int d = h8; d < half; d++) {
-                float a = r[d], b = r[d + half];
-                r[d] = a * c[d] - b * s[d];
-                r[d + half] = b * c[d + half] + a * s[d + half];
-            }
+    for (int h = 0; h < heads; h++) {
+        float *r = x + h * hd;
+        for (int d = 0; d < h8; d += 8) {
+            const __m256 a = _mm256_loadu_ps(r + d), b = _mm256_loadu_ps(r + d + half);
+            _mm256_storeu_ps(r + d, _mm256_sub_ps(_mm256_mul_ps(a, _mm256_loadu_ps(c + d)),
+                                                  _mm256_mul_ps(b, _mm256_loadu_ps(s + d))));
+            _mm256_storeu_ps(r + d + half, _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(c + d + half)),
+                                                         _mm256_mul_ps(a, _mm256_loadu_ps(s + d + half))));
         }
+        for (int d = h8; d < half; d++) {
+            float a = r[d], b = r[d + half];
+            r[d] = a * c[d] - b * s[d];
+            r[d + half] = b * c[d + half] + a * s[d + half];
+        }
+    }
 }
 
-/* h (T, D): in, the token embeddings; out, the final normed hidden states. Request s: n[s] rows,
- * keys[s]/values[s] its cache (layers, Hkv, cap[s], hd), past[s] tokens in it. scratch:
- * T * (D + 3 H hd + 2 Hkv hd + 3 F + 3) floats for the layer's activations and the rows'
- * positions, plus the attention's threads * (max(past[s] + n[s]) + 8 + hd). Returns 0 or a
- * matmul error code. */
-int tasc_decoder_step(int T, int L, int D, int H, int Hkv, int hd, int F, float eps, float scale, float *h,
-                      const float *cos, const float *sin, const qlayer *layers, const float *final_norm, int S,
-                      const int *n, float *const *keys, float *const *values, const int *cap, const int *past,
-                      matmul_fn mm, int isa, int threads, float *scratch) {
+/* h (T, D): the final normed hidden states (in: the embeddings where m->embed is NULL).
+ * scratch: T * (D + 3 H hd + 2 Hkv hd + 3 F + 3) floats for the layer's activations and the
+ * rows' positions, plus the attention's threads * (max(past[s] + n[s]) + 8 + hd). Returns 0,
+ * -5 for a token id outside the embedding table, or a matmul error code. */
+int tasc_decoder_step(const qmodel *m, const qstep *st, float *h, float *scratch) {
+    const int T = st->T, D = m->D, H = m->H, Hkv = m->Hkv, hd = m->hd, F = m->F, threads = st->threads;
     int nq = H * hd, nkv = Hkv * hd, nqkv = nq + 2 * nkv, rep = H / Hkv, longest = 0;
     float *x = scratch, *att = x + (long)T * D, *qkv = att + (long)T * nq, *gu = qkv + (long)T * nqkv;
     float *act = gu + (long)T * 2 * F, *q = act + (long)T * F, *work = q + (long)T * nq + 3L * T;
     int *seq = (int *)(q + (long)T * nq), *pos = seq + T; /* each row's request and position */
-    for (int s = 0, r = 0; s < S; s++)
-        for (int i = 0; i < n[s]; i++, r++) {
-            seq[r] = s, pos[r] = past[s] + i;
+    for (int s = 0, r = 0; s < st->S; s++)
+        for (int i = 0; i < st->n[s]; i++, r++) {
+            seq[r] = s, pos[r] = st->past[s] + i;
             longest = pos[r] + 1 > longest ? pos[r] + 1 : longest;
+        }
+    if (m->embed)
+        for (int r = 0; r < T; r++) {
+            if (st->ids[r] < 0 || st->ids[r] >= m->vocab) return -5;
+            memcpy(h + (long)r * D, m->embed + (long)st->ids[r] * D, D * sizeof(float));
         }
     const long per = longest + 8 + hd; /* a thread's scores, rounded up, and a zero key */
     int rc;
-    for (int l = 0; l < L; l++) {
-        const qlayer *ly = layers + l;
-        rmsnorm(h, ly->norm1, eps, T, D, x);
-        if ((rc = linear(mm, isa, &ly->qkv, x, T, D, qkv, threads))) return rc;
-        rotary(qkv, cos, sin, T, H, hd, nqkv);
-        rotary(qkv + nq, cos, sin, T, Hkv, hd, nqkv);
+    for (int l = 0; l < m->L; l++) {
+        const qlayer *ly = m->layers + l;
+        rmsnorm(h, ly->norm1, m->eps, T, D, x);
+        if ((rc = linear(m->mm, m->isa, &ly->qkv, x, T, D, qkv, threads))) return rc;
+        for (int i = 0; i < T; i++) { /* rotary rows: by position in a table, else the step's row i */
+            const long row = (st->by_position ? pos[i] : i) * (long)hd;
+            rotary(qkv + (long)i * nqkv, st->cos + row, st->sin + row, H, hd);
+            rotary(qkv + (long)i * nqkv + nq, st->cos + row, st->sin + row, Hkv, hd);
+        }
         for (int i = 0; i < T; i++) {
             const float *row = qkv + (long)i * nqkv;
-            const long c = cap[seq[i]];
-            float *kc = keys[seq[i]] + (long)l * Hkv * c * hd, *vc = values[seq[i]] + (long)l * Hkv * c * hd;
+            const long c = st->cap[seq[i]];
+            float *kc = st->keys[seq[i]] + (long)l * Hkv * c * hd, *vc = st->values[seq[i]] + (long)l * Hkv * c * hd;
             for (int hh = 0; hh < H; hh++) memcpy(q + ((long)hh * T + i) * hd, row + hh * hd, hd * sizeof(float));
             for (int g = 0; g < Hkv; g++) {
                 memcpy(kc + ((long)g * c + pos[i]) * hd, row + nq + g * hd, hd * sizeof(float));
@@ -334,15 +372,15 @@ int tasc_decoder_step(int T, int L, int D, int H, int Hkv, int hd, int F, float 
 #pragma omp for schedule(dynamic, 1)
             for (int hi = 0; hi < H * T; hi++) {
                 const int hh = hi / T, i = hi % T, g = hh / rep;
-                const long c = cap[seq[i]], off = ((long)l * Hkv + g) * c * hd;
-                attend_row(q + ((long)hh * T + i) * hd, keys[seq[i]] + off, values[seq[i]] + off, pos[i] + 1, hd,
-                           scale, scores, zeros, att + ((long)i * H + hh) * hd);
+                const long c = st->cap[seq[i]], off = ((long)l * Hkv + g) * c * hd;
+                attend_row(q + ((long)hh * T + i) * hd, st->keys[seq[i]] + off, st->values[seq[i]] + off, pos[i] + 1,
+                           hd, m->scale, scores, zeros, att + ((long)i * H + hh) * hd);
             }
         }
-        if ((rc = linear(mm, isa, &ly->o, att, T, nq, x, threads))) return rc;
+        if ((rc = linear(m->mm, m->isa, &ly->o, att, T, nq, x, threads))) return rc;
         for (long j = 0; j < (long)T * D; j++) h[j] += x[j];
-        rmsnorm(h, ly->norm2, eps, T, D, x);
-        if ((rc = linear(mm, isa, &ly->gate_up, x, T, D, gu, threads))) return rc;
+        rmsnorm(h, ly->norm2, m->eps, T, D, x);
+        if ((rc = linear(m->mm, m->isa, &ly->gate_up, x, T, D, gu, threads))) return rc;
         /* SiLU(gate) * up by 8 lanes (F: the down projection's K, a multiple of 32); shared out
          * among the threads for a multi-row step, where it would be a serial stretch. */
 #pragma omp parallel for num_threads(threads) schedule(static) if (T > 1 && threads > 1)
@@ -353,10 +391,18 @@ int tasc_decoder_step(int T, int L, int D, int H, int Hkv, int hd, int F, float 
             g = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
             _mm256_storeu_ps(act + i * F + j, _mm256_mul_ps(g, u));
         }
-        if ((rc = linear(mm, isa, &ly->down, act, T, F, x, threads))) return rc;
+        if ((rc = linear(m->mm, m->isa, &ly->down, act, T, F, x, threads))) return rc;
         for (long j = 0; j < (long)T * D; j++) h[j] += x[j];
     }
-    rmsnorm(h, final_norm, eps, T, D, x);
+    rmsnorm(h, m->final_norm, m->eps, T, D, x);
     memcpy(h, x, (long)T * D * sizeof(float));
-    return 0;
+    if (!st->keep || !m->head.qs) return 0;
+    /* The kept rows side by side in x, then their argmax through the head in one call. */
+    int kept = 0;
+    for (int s = 0, end = 0; s < st->S; s++) {
+        end += st->n[s];
+        memcpy(x + (long)kept * D, h + (long)(end - st->keep[s]) * D, (long)st->keep[s] * D * sizeof(float));
+        kept += st->keep[s];
+    }
+    return kept ? m->am(m->isa, m->head.type, x, kept, D, m->head.qs, m->head.sc, m->head.n, st->out, threads) : 0;
 }
