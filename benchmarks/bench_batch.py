@@ -129,7 +129,7 @@ def markdown_table(report: dict) -> str:
     tail = (f"\n\n{report['samples']} samples of {report.get('spec', '?')} ({report.get('model', '?')}), "
             f"batch {report['batch']}, max_new_tokens {report['max_new_tokens']}")
     if env:
-        tail += f"; dtype {env.get('dtype')}, {env.get('threads')} threads, kernels {env.get('kernels', 'torch')}, torch {env.get('torch')}, {env.get('cpu')}"
+        tail += f"; weights {env.get('dtype')}, {env.get('threads')} threads, kernels {env.get('kernels', 'torch')}, torch {env.get('torch')}, {env.get('cpu')}"
     return "\n".join(lines) + tail + "\n"
 
 
@@ -191,7 +191,7 @@ def main() -> None:
     report = compare(lm, records, args.batch, draft, cfg, cost, spec.system_prompt,
                      spec.chat_template, args.warmup, spec.metric, records)
     report.update(spec=spec.name, model=args.model, corpus_version=path.name, split=args.split, draft=draft_src,
-                  environment=environment(str(lm.dtype).replace("torch.", ""), lm.device, lm.kernels),
+                  environment=environment(lm.weights, lm.device, lm.kernels),
                   verify_cost={f"V{k}": float(cost[k]) for k in (2, 4, 8, 16) if k < len(cost)})
     text = json.dumps(report, indent=2, default=str)
     print(text)

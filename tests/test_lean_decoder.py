@@ -310,3 +310,32 @@ def test_a_long_prompt_goes_through_the_fused_step_with_rows_independent_of_the_
     for i in range(0, len(ids), 10):
         pieces.append(lean.forward(ids[i : i + 10], cache))
     assert torch.equal(whole, torch.cat(pieces))
+
+
+def test_the_fused_step_without_tables_computes_what_it_does_with_them(tiny_model_dir, tmp_path, monkeypatch):
+    """Rotary types whose frequencies depend on the sequence length (dynamic) get their rows from
+    the model's module each step, and an embedding that is not a plain float32 table from its
+    module: the fused step then gives the same ids as the op-by-op forward and the head, and
+    with the embedding module the same hidden states bitwise as with the table."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
+    cfg.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    torch.manual_seed(4)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path), dtype="q8_0", device="cpu", kernels="auto")
+    lean, head = lm.backend.lean, lm.backend.head
+    assert lean.fused is not None and not lean.fused.rope_table
+    ids = np.random.default_rng(7).integers(0, 700, 12).tolist()
+    fused_cache = lean.new_cache(8)
+    got = lean.argmax_many([(ids, fused_cache, 3)], head)[0]
+    step, lean.fused = lean.fused, None
+    try:
+        plain = lean.forward(ids, lean.new_cache(8))
+    finally:
+        lean.fused = step
+    assert got == head(plain[-3:].numpy()).tolist()
+    with_table = lean.forward(ids, lean.new_cache(8))
+    monkeypatch.setattr(step, "embeddings", lambda: None)
+    assert torch.equal(lean.forward(ids, lean.new_cache(8)), with_table)

@@ -107,7 +107,7 @@ class FusedStep:
         self.rope_table = not ("dynamic" in kind or kind == "longrope"
                                or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor))
         self.rope = None  # (inv_freq tensor, cos table, sin table, their addresses), see rope_rows
-        self.table = None  # (embedding weight, its numpy view or None), see embeddings
+        self.table = None  # (embedding weight, its numpy view and address, or None), see embeddings
         self.head = None  # the QuantWeight the model's head field points into
         self.refresh()
 
@@ -155,8 +155,7 @@ class FusedStep:
         w = embed.weight
         if self.table is None or self.table[0] is not w:
             plain = type(embed) is torch.nn.Embedding and w.dtype == torch.float32 and w.is_contiguous()
-            self.table = w, w.detach().numpy() if plain else None
-            self.model.embed, self.model.vocab = (w.data_ptr(), len(w)) if plain else (None, 0)
+            self.table = w, w.detach().numpy() if plain else None, w.data_ptr() if plain else None
         return self.table[1]
 
     def rope_rows(self, need: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,9 +215,11 @@ class FusedStep:
         for kv, k in zip(caches, counts, strict=True):
             kv.reserve(k)
         ids = [i for ids, _ in batch for i in ids]
-        if self.embeddings() is None:
+        table = self.embeddings()
+        m.embed, m.vocab = (self.table[2], len(table)) if table is not None else (None, 0)
+        if table is None:
             embedded = lean.base.embed_tokens(torch.as_tensor([ids], dtype=torch.long))[0]
-            ctypes.memmove(h, embedded.contiguous().data_ptr(), embedded.numel() * 4)
+            ctypes.memmove(h, embedded.float().contiguous().data_ptr(), embedded.numel() * 4)
         longest = max(p + k for p, k in zip(pasts, counts, strict=True))
         if self.rope_table:
             self.rope_rows(longest)
