@@ -269,15 +269,15 @@ def test_the_fused_step_ends_in_the_heads_argmax_of_its_rows_and_rejects_unknown
     plain = [lean.new_cache(8) for _ in prompts]
     want = [head(lean.forward(p, c)[-k:].numpy()).tolist() for p, c, k in zip(prompts, plain, (1, 3, 5), strict=True)]
     one = lean.new_cache(8)
-    assert lean.argmax_many([(prompts[0], one, 1)], head) == [want[0]]
+    assert lean.argmax_many([(prompts[0], one, 1)], head.weight()) == [want[0]]
     together = [lean.new_cache(8) for _ in prompts]
-    got = lean.argmax_many([(p, c, k) for p, c, k in zip(prompts, together, (1, 3, 5), strict=True)], head)
+    got = lean.argmax_many([(p, c, k) for p, c, k in zip(prompts, together, (1, 3, 5), strict=True)], head.weight())
     assert got == want
     for a, b in zip(plain, together, strict=True):
         assert a.length == b.length and torch.equal(a.keys[:, :, :, : a.length], b.keys[:, :, :, : b.length])
     vocab = lean.base.embed_tokens.weight.shape[0]
     with pytest.raises(IndexError, match="token id out of range"):
-        lean.argmax_many([([3, vocab], one, 1)], head)
+        lean.argmax_many([([3, vocab], one, 1)], head.weight())
     assert one.length == 9
 
 
@@ -329,7 +329,7 @@ def test_the_fused_step_without_tables_computes_what_it_does_with_them(tiny_mode
     assert lean.fused is not None and not lean.fused.rope_table
     ids = np.random.default_rng(7).integers(0, 700, 12).tolist()
     fused_cache = lean.new_cache(8)
-    got = lean.argmax_many([(ids, fused_cache, 3)], head)[0]
+    got = lean.argmax_many([(ids, fused_cache, 3)], head.weight())[0]
     step, lean.fused = lean.fused, None
     try:
         plain = lean.forward(ids, lean.new_cache(8))

@@ -155,7 +155,7 @@ class Steps:
             return self.step(ids, keep).argmax(dim=-1).tolist()
         self.passes += 1
         if self.lean is not None:
-            fused = self.lean.argmax_many([(list(ids), self.cache, keep)], self.head)
+            fused = _argmax_fused(self.lean, self.head, [(list(ids), self.cache, keep)])
             if fused is not None:
                 return fused[0]
             hidden = self.lean.forward(list(ids), self.cache)[-keep:]
@@ -171,6 +171,12 @@ class Steps:
             self.cache.crop(-n_remove)
 
 
+def _argmax_fused(lean: LeanDecoder, head, batch) -> list[list[int]] | None:
+    """LeanDecoder.argmax_many with a quantised head (the fused step runs its argmax); None with
+    another head, or where the fused step does not take the batch."""
+    return lean.argmax_many(batch, head.weight()) if isinstance(head, QuantHead) else None
+
+
 @torch.inference_mode()
 def argmax_together(batch: Sequence[tuple[Steps, Sequence[int], int]]) -> list[list[int]]:
     """:meth:`Steps.argmax` for several requests, (steps, ids, keep) each: one forward pass for
@@ -182,7 +188,7 @@ def argmax_together(batch: Sequence[tuple[Steps, Sequence[int], int]]) -> list[l
         return [steps.argmax(ids, keep) for steps, ids, keep in batch]
     for steps, _, _ in batch:
         steps.passes += 1
-    fused = lean.argmax_many([(list(ids), steps.cache, keep) for steps, ids, keep in batch], head)
+    fused = _argmax_fused(lean, head, [(list(ids), steps.cache, keep) for steps, ids, keep in batch])
     if fused is not None:
         return fused
     hidden = lean.forward_many([(list(ids), steps.cache) for steps, ids, _ in batch])

@@ -205,15 +205,15 @@ class LeanDecoder:
 
     @torch.inference_mode()
     def argmax_many(self, batch: list[tuple[list[int], LeanCache, int]], head) -> list[list[int]] | None:
-        """(ids, cache, keep) per request -> the greedy ids of each one's last ``keep`` rows, in
-        one call of the fused step, where it can run ``head`` (a quantised LM head) and every
-        request brings at most ``packed.LONG`` tokens; None elsewhere (the caller then runs the
-        forward and the head apart). The ids are those of ``head`` on :meth:`forward_many`'s rows."""
-        weight = head.weight() if self.fused is not None and hasattr(head, "weight") else None
-        if weight is None or any(len(ids) > LONG for ids, _, _ in batch):
+        """(ids, cache, keep) per request -> the greedy ids of each one's last ``keep`` rows
+        through ``head`` (the quantised LM head's QuantWeight), in one call of the fused step,
+        where it runs and every request brings at most ``packed.LONG`` tokens; None elsewhere
+        (the caller then runs the forward and the head apart). The ids are those of
+        ``head.argmax`` on :meth:`forward_many`'s rows."""
+        if self.fused is None or any(len(ids) > LONG for ids, _, _ in batch):
             return None
         self.steps += 1
-        return self.fused.argmax(batch, weight)
+        return self.fused.argmax(batch, head)
 
     @torch.inference_mode()
     def forward(self, ids: list[int], cache: LeanCache) -> torch.Tensor:

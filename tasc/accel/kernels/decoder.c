@@ -396,7 +396,7 @@ int tasc_decoder_step(const qmodel *m, const qstep *st, float *h, float *scratch
     }
     rmsnorm(h, m->final_norm, m->eps, T, D, x);
     memcpy(h, x, (long)T * D * sizeof(float));
-    if (!st->keep || !m->head.qs) return 0;
+    if (!st->keep) return 0; /* (keep without a head: the argmax rejects type 0, -2) */
     /* The kept rows side by side in x, then their argmax through the head in one call. */
     int kept = 0;
     for (int s = 0, end = 0; s < st->S; s++) {
