@@ -185,8 +185,9 @@ def main() -> None:
     lm = load_model(args.model, dtype=args.dtype, kernels="auto")
     draft, draft_src = _find_draft(args.draft, spec.name, path.name, args.model, lm.tokenizer)
     cost = engine.measure_verify_cost(lm.model)
+    # Every prompt computed in full: the batch engine has no prefix cache (tasc.accel.prefix).
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens or spec.generation.max_new_tokens,
-                       stop=spec.generation.stop)
+                       stop=spec.generation.stop, prefix_cache=False)
     records = rows.to_dict("records")  # corpus rows: their system and messages count too
     report = compare(lm, records, args.batch, draft, cfg, cost, spec.system_prompt,
                      spec.chat_template, args.warmup, spec.metric, records)

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tasc.models import DEFAULT_MODEL, gguf_file, load_model
 
     lm = load_model(kernels="auto")
-    cfg = DecodeConfig(max_new_tokens=args.new_tokens)
+    cfg = DecodeConfig(max_new_tokens=args.new_tokens, prefix_cache=False)  # the same prompts every rep
     binary, gguf = find_binaries(args.llama_cpp) / "llama-completion", gguf_file(DEFAULT_MODEL)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write(render_prompt(lm.tokenizer, PROMPTS[0]))

@@ -259,7 +259,7 @@ def test_measure_verify_cost(lm, monkeypatch):
             return None
 
     backend = Backend.for_model(lm.model)
-    monkeypatch.setattr(Backend, "start", lambda self: Timed())
+    monkeypatch.setattr(Backend, "start", lambda self, reuse_prefix=True: Timed())
     cost = measure_verify_cost(backend, max_len=12, context=8, reps=2)
     assert cost.shape == (13,) and cost[0] == 0.0 and cost[1] == 1.0
     for m in (2, 4, 8):

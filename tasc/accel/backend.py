@@ -29,6 +29,7 @@ from tasc.accel.argmax_head import ArgmaxHead, make_argmax_head
 from tasc.accel.attention import group_attention
 from tasc.accel.lean_decoder import LeanDecoder, make_lean_decoder
 from tasc.accel.packed import pack_linears
+from tasc.accel.prefix import PrefixStore, reuses_prefixes
 from tasc.accel.quantized import QuantHead, make_quant_head, quantize_model
 
 # The attribute of the torch model that holds its accelerated backend; unpack_linears
@@ -47,7 +48,8 @@ class Backend:
     ``model``: the torch model; ``kernels``: what tasc.accel applied, a label for reports such as
     "packed-linear+grouped-attention+argmax-head+lean-decoder" ("torch": nothing); ``head``: the
     exact argmax head or None; ``lean``: the lean decoder forward or None (then transformers'
-    forward runs). :meth:`start` begins a request."""
+    forward runs); ``prefixes``: the KV rows of recent prompts (tasc.accel.prefix), where
+    reusing them is lossless, else None. :meth:`start` begins a request."""
 
     def __init__(self, model, kernels: str = "torch", head: ArgmaxHead | QuantHead | None = None,
                  lean: LeanDecoder | None = None):
@@ -56,6 +58,7 @@ class Backend:
         self.cache_kw = _cache_kw(model.forward)
         # The argmax head without the lean decoder runs the decoder stack alone.
         self.base_cache_kw = _cache_kw(getattr(model, "base_model", model).forward)
+        self.prefixes = PrefixStore() if reuses_prefixes(lean) else None
 
     @classmethod
     def for_model(cls, model) -> Backend:
@@ -98,21 +101,26 @@ class Backend:
         setattr(model, ATTACHED, backend)
         return backend
 
-    def start(self) -> Steps:
-        """A new request: an empty KV cache and a pass counter at 0."""
-        return Steps(self)
+    def start(self, reuse_prefix: bool = True) -> Steps:
+        """A new request: an empty KV cache and a pass counter at 0. ``reuse_prefix``: its
+        prompt may start from the stored rows of an earlier prompt's shared prefix (where the
+        backend keeps them), and its own rows are stored for later prompts."""
+        return Steps(self, reuse_prefix)
 
 
 class Steps:
     """The forward passes of one request over its KV cache (see :meth:`Backend.start`).
 
     Every call takes ``ids``, the new tokens after the cached ones, and the cache grows by them;
-    ``passes`` counts the forward passes."""
+    ``passes`` counts the forward passes; ``reused``: the prompt tokens whose KV rows came from
+    the backend's prefix store instead of a forward pass."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, reuse_prefix: bool = True):
         self.backend = backend
         self.model, self.head, self.lean = backend.model, backend.head, backend.lean
-        self.passes = 0
+        self.passes = self.reused = 0
+        self.prefixes = backend.prefixes if reuse_prefix else None
+        self._prompt: tuple[list[int], object] | None = None  # (ids, weights' signature) until stored
         if self.lean is not None:
             self.lean.refresh()  # weights may have changed since the last request
             self.cache = self.lean.new_cache()
@@ -137,7 +145,9 @@ class Steps:
         """float32 logits (keep, V) of the last ``keep`` positions."""
         self.passes += 1
         if self.lean is not None:
-            hidden = self.lean.forward(list(ids), self.cache)
+            ids = self._begin(list(ids), keep)
+            hidden = self.lean.forward(ids, self.cache)
+            self._end()
             return self.model.get_output_embeddings()(hidden[-keep:]).float()
         x = torch.as_tensor([list(ids)], dtype=torch.long, device=self.model.device)
         out = self.model(input_ids=x, use_cache=True, logits_to_keep=keep, **{self.backend.cache_kw: self.cache})
@@ -155,15 +165,36 @@ class Steps:
             return self.step(ids, keep).argmax(dim=-1).tolist()
         self.passes += 1
         if self.lean is not None:
-            fused = _argmax_fused(self.lean, self.head, [(list(ids), self.cache, keep)])
+            ids = self._begin(list(ids), keep)
+            fused = _argmax_fused(self.lean, self.head, [(ids, self.cache, keep)])
+            if fused is None:
+                hidden = self.lean.forward(ids, self.cache)[-keep:]
+            self._end()
             if fused is not None:
                 return fused[0]
-            hidden = self.lean.forward(list(ids), self.cache)[-keep:]
         else:
             x = torch.as_tensor([list(ids)], dtype=torch.long, device=self.model.device)
             out = self.model.base_model(input_ids=x, use_cache=True, **{self.backend.base_cache_kw: self.cache})
             hidden = out.last_hidden_state[0, -keep:]
         return self.head(hidden.numpy()).tolist()
+
+    def _begin(self, ids: list[int], keep: int) -> list[int]:
+        """The ids a pass must still compute: on an empty cache (a prompt) with a prefix store,
+        those after the longest stored prefix, whose rows are copied into the cache."""
+        if self.prefixes is None or self.length:
+            return ids
+        signature = self.lean.fused.signature()
+        self._prompt = ids, signature
+        n = self.prefixes.restore(ids, self.cache, signature, keep)
+        self.reused += n
+        return ids[n:]
+
+    def _end(self) -> None:
+        """After a prompt's pass: store its rows for later prompts."""
+        if self._prompt is not None:
+            ids, signature = self._prompt
+            self.prefixes.add(ids, self.cache, signature)
+            self._prompt = None
 
     def crop(self, n_remove: int) -> None:
         """Forget the last ``n_remove`` cached tokens (rejected draft tokens)."""

@@ -28,6 +28,7 @@ import torch
 
 from tasc.accel import quant
 from tasc.accel.attention import decoder_library
+from tasc.accel.packed import weight_stamp
 from tasc.accel.threads import BUDGET
 
 FUSED_MODELS = ("llama", "mistral", "qwen2")
@@ -144,6 +145,15 @@ class FusedStep:
         self._keep.append(final_norm)
         self.model.layers, self.model.final_norm = ctypes.addressof(layers), final_norm.data_ptr()
         self.layers, self.stamps = layers, stamps
+
+    def signature(self) -> tuple:
+        """What a step's rows depend on besides its tokens: the quantised linears' identities
+        (the lean decoder makes new ones when a weight changes) and the identity and in-place
+        version of the norms, the embedding table and the rotary frequencies. Stored prompt
+        rows are valid while it stays the same (tasc.accel.prefix)."""
+        base = self.lean.base
+        tensors = [*self._keep, base.embed_tokens.weight, getattr(base.rotary_emb, "inv_freq", None)]
+        return tuple(self.stamps), tuple(weight_stamp(t) for t in tensors if isinstance(t, torch.Tensor))
 
     def embeddings(self) -> np.ndarray | None:
         """The float32 (vocab, hidden) embedding table the step copies rows from (a view: in-place

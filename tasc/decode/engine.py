@@ -39,6 +39,9 @@ class DecodeConfig:
     stop: tuple[str, ...] = ()
     temperature: float = 0.0  # 0 = greedy
     seed: int = 0
+    # A prompt starts from the stored KV rows of the longest prefix it shares with a recent
+    # prompt, where that is lossless (tasc.accel.prefix); benchmarks turn it off to time prefills.
+    prefix_cache: bool = True
 
     def __post_init__(self):
         # decode() sizes its buffers by max_new_tokens: a huge or negative one must not get that far.
@@ -50,6 +53,7 @@ class DecodeConfig:
 @dataclass
 class RequestStats:
     prompt_tokens: int = 0
+    reused_prompt_tokens: int = 0  # prompt tokens whose KV rows came from an earlier prompt
     new_tokens: int = 0
     chars: int = 0
     forward_passes: int = 0
@@ -169,7 +173,7 @@ class Request:
         self.t0 = time.perf_counter()
         self.tokenizer, self.proposer, self.cfg = tokenizer, proposer, cfg
         self.prompt_ids = prompt_ids
-        self.steps = backend.start()
+        self.steps = backend.start(cfg.prefix_cache)
         self.stats = RequestStats(prompt_tokens=len(prompt_ids))
         self.stops = eos_ids(backend.model, tokenizer)
         self.gen = torch.Generator().manual_seed(cfg.seed) if cfg.temperature > 0 else None
@@ -238,6 +242,7 @@ class Request:
 
     def finish(self) -> Output:
         self.stats.forward_passes = self.steps.passes
+        self.stats.reused_prompt_tokens = self.steps.reused
         return _finish(self.tokenizer, self.out, self.stats, self.cfg, self.t0)
 
 
@@ -320,7 +325,7 @@ def measure_verify_cost(model, max_len: int = 17, context: int = 160, reps: int 
     drift hits all lengths alike. A k-token pass is capped at the cost of k one-token passes,
     so one stalled measurement cannot switch drafting off."""
     backend = Backend.for_model(model)
-    steps = backend.start()
+    steps = backend.start(reuse_prefix=False)
     vocab = backend.model.get_input_embeddings().weight.shape[0]
     rng = np.random.default_rng(0)
     steps.prefill(rng.integers(0, vocab, context).tolist())

@@ -49,8 +49,12 @@ def engine_runner(lm, cfg: DecodeConfig, system_prompt: str | None, chat_templat
                   draft: BoundDraft | None = None, cost: Sequence[float] | None = None,
                   proposer_config: ProposerConfig | None = None, speculative: bool = True):
     """A runner over engine.decode; ``speculative=False`` gives plain greedy. The proposers
-    of one runner share their calibration (see tasc.decode.proposer)."""
+    of one runner share their calibration (see tasc.decode.proposer). Every prompt is computed
+    in full, without the prefix cache, as transformers' and llama.cpp's runs compute theirs:
+    with it, the second method on a prompt would find the whole prompt cached by the first
+    (benchmarks/bench_prefix.py measures the cache on its own)."""
     trust = new_trust()
+    cfg = dataclasses.replace(cfg, prefix_cache=False)
 
     def run(row: Row) -> Output:
         ids = encode_prompts(lm.tokenizer, [row], system_prompt, chat_template)[0]
