@@ -159,3 +159,19 @@ def test_benchmark_runners_compute_every_prompt_in_full(qlm):
     assert warm.stats.reused_prompt_tokens == 0  # the runner stored none of its prompts
     again = decode(qlm.backend, qlm.tokenizer, ids, None, DecodeConfig(max_new_tokens=4))
     assert again.stats.reused_prompt_tokens == len(ids) - 1 and again.token_ids == warm.token_ids
+
+
+@needs_kernels
+def test_batches_start_their_prompts_from_stored_prefixes_with_the_same_tokens(qlm):
+    from tasc.decode.batch_engine import decode_batch
+
+    backend = qlm.backend
+    backend.prefixes.clear()
+    off = DecodeConfig(max_new_tokens=16, prefix_cache=False)
+    cold = decode_batch(backend, qlm.tokenizer, PROMPTS, None, off)
+    decode(backend, qlm.tokenizer, PROMPTS[0], None, DecodeConfig(max_new_tokens=2))  # one stored prompt
+    warm = decode_batch(backend, qlm.tokenizer, PROMPTS, None, DecodeConfig(max_new_tokens=16))
+    assert [o.token_ids for o in warm] == [o.token_ids for o in cold]
+    assert [o.stats.reused_prompt_tokens for o in cold] == [0] * len(PROMPTS)
+    reused = [o.stats.reused_prompt_tokens for o in warm]
+    assert reused[0] == len(PROMPTS[0]) - 1 and min(reused[1:]) >= len(TEMPLATE)

@@ -219,10 +219,20 @@ def argmax_together(batch: Sequence[tuple[Steps, Sequence[int], int]]) -> list[l
         return [steps.argmax(ids, keep) for steps, ids, keep in batch]
     for steps, _, _ in batch:
         steps.passes += 1
-    fused = _argmax_fused(lean, head, [(list(ids), steps.cache, keep) for steps, ids, keep in batch])
+    # A request's prompt starts from its stored prefix, as in Steps.argmax.
+    batch = [(steps, steps._begin(list(ids), keep), keep) for steps, ids, keep in batch]
+    out = _argmax_batch(lean, head, batch)
+    for steps, _, _ in batch:
+        steps._end()
+    return out
+
+
+def _argmax_batch(lean: LeanDecoder, head, batch) -> list[list[int]]:
+    """The pass of :func:`argmax_together` over (steps, ids, keep) with ids as list."""
+    fused = _argmax_fused(lean, head, [(ids, steps.cache, keep) for steps, ids, keep in batch])
     if fused is not None:
         return fused
-    hidden = lean.forward_many([(list(ids), steps.cache) for steps, ids, _ in batch])
+    hidden = lean.forward_many([(ids, steps.cache) for steps, ids, _ in batch])
     rows = torch.cat([h[-keep:] for h, (_, _, keep) in zip(hidden, batch, strict=True)]).numpy()
     ids = np.concatenate([head(rows[i : i + head.max_rows]) for i in range(0, len(rows), head.max_rows)])
     out, at = [], 0
