@@ -28,12 +28,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--splits", default="test",
                     help="corpus splits to draw prompts from, comma-separated (a model fine-tuned on 'train' has "
                          "seen those prompts: fine for comparing weight formats, not for the metric's level)")
+    ap.add_argument("--shard", default="0/1",
+                    help="I/N: only prompts I, I+N, I+2N, ... of the sample, to spread a long run over processes "
+                         "(the shards' prompt counts, better and worse add up; metrics average by prompts)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    shard, shards = (int(v) for v in args.shard.split("/"))
+    if not 0 <= shard < shards:
+        ap.error(f"--shard {args.shard}: I must be from 0 to N-1")
     torch.set_num_threads(args.threads)
     from flows.stages import ingest_flow
     from storage import corpus as store
     from storage.settings import configure
+    from tasc import progress_bar
     from tasc.data.spec import load_spec
     from tasc.decode.engine import DecodeConfig, generate
     from tasc.eval.harness import spread_sample
@@ -44,17 +51,23 @@ def main(argv: list[str] | None = None) -> dict:
     model = args.model or DEFAULT_MODEL
     variants = ["float32", *args.weights.split(",")]
     loaded = {w: load_model(model, dtype=w, device="cpu", kernels="auto") for w in variants}
-    report: dict = {"model": model, "threads": args.threads, "specs": {},
+    report: dict = {"model": model, "threads": args.threads, "shard": args.shard, "specs": {},
                     "weights": {w: lm.weights for w, lm in loaded.items()}}
     for name in args.specs:
         spec = load_spec(name)
         corpus = ingest_flow(name)
         table = pd.concat([store.read_corpus(corpus["path"], split=split) for split in args.splits.split(",")],
                           ignore_index=True)
-        rows = spread_sample(table, args.limit).to_dict("records")
+        rows = spread_sample(table, args.limit).to_dict("records")[shard::shards]
         cfg = DecodeConfig(max_new_tokens=spec.generation.max_new_tokens, stop=spec.generation.stop)
-        texts = {w: [o.text for o in generate(lm.backend, lm.tokenizer, rows, None, "greedy", cfg, spec.system_prompt,
-                                              spec.chat_template)] for w, lm in loaded.items()}
+        texts: dict[str, list[str]] = {w: [] for w in loaded}
+        with progress_bar(len(rows) * len(loaded), desc=name, unit="req") as bar:
+            for row in rows:  # prompt by prompt, every format: the ETA holds from the start
+                for w, lm in loaded.items():
+                    out = generate(lm.backend, lm.tokenizer, [row], None, "greedy", cfg, spec.system_prompt,
+                                   spec.chat_template)
+                    texts[w].append(out[0].text)
+                    bar.update()
         entry, base = {}, score_many(spec.metric, texts["float32"], rows)
         for w, out in texts.items():
             scores = score_many(spec.metric, out, rows)
