@@ -66,18 +66,22 @@ def test_the_store_copies_the_longest_prefix_and_leaves_the_predicted_rows():
 
 
 def test_the_store_is_bounded_and_forgets_rows_of_other_weights():
-    store = PrefixStore(entries=2, max_tokens=10, min_tokens=2)
+    row = 2 * (2 * 3 * 4 * 4)  # bytes of one token's keys and values in _Cache
+    store = PrefixStore(entries=2, max_bytes=10 * row, min_tokens=2)
     for first in (1, 2, 3):
         store.add([first, 0, 0, 0], _Cache(4), "w")
     assert store.restore([1, 0, 0, 0, 0], _Cache(0), "w") == 0  # the oldest went first
     assert store.restore([3, 0, 0, 0, 0], _Cache(0), "w") == 4
-    store.add([4, 0, 0, 0, 0, 0, 0, 0], _Cache(8), "w")  # 8 + 4 rows > max_tokens: one goes
+    store.add([4, 0, 0, 0, 0, 0, 0, 0], _Cache(8), "w")  # 8 + 4 rows > max_bytes: one goes
+    assert store.nbytes() == 8 * row
     assert store.restore([2, 0, 0, 0, 0], _Cache(0), "w") == 0
     assert store.restore([3, 0, 0, 0, 0], _Cache(0), "w") == 0
     assert store.restore([4, 0, 0, 0, 0, 0, 0, 0, 0], _Cache(0), "w") == 8
     assert store.restore([4, 0, 0, 0, 0, 0, 0, 0, 0], _Cache(0), "other weights") == 0
     store.add([5, 0, 0], _Cache(4), "other weights")
     assert store.restore([4, 0, 0, 0, 0, 0, 0, 0, 0], _Cache(0), "w") == 0  # forgotten
+    store.add(list(range(11)), _Cache(11, capacity=16), "w")  # alone over max_bytes: not kept
+    assert store.restore(list(range(12)), _Cache(0, capacity=16), "w") == 0
 
 
 @needs_kernels

@@ -15,12 +15,14 @@ Contracts
     ``signature``, and a store whose signature differs forgets everything first.
   - At least ``keep`` tokens of a prompt are left to compute (the pass must produce their
     predictions); a prefix shorter than ``min_tokens`` is not worth the copy and is not used.
-  - Bounded: at most ``entries`` prompts and ``max_tokens`` rows in all; the least recently
-    used prompt goes first.
+  - Bounded: at most ``entries`` prompts and ``max_bytes`` of rows in all (SmolLM2-135M: 46 KB
+    a token); the least recently used prompt goes first.
+  - Safe to share between threads serving requests of one backend (one lock).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable, Sequence
 
 import numpy as np
@@ -37,14 +39,20 @@ def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
 class PrefixStore:
     """The KV rows of recent prompts of one backend (see module doc)."""
 
-    def __init__(self, entries: int = 4, max_tokens: int = 8192, min_tokens: int = 4):
-        self.entries, self.max_tokens, self.min_tokens = entries, max_tokens, min_tokens
+    def __init__(self, entries: int = 4, max_bytes: int = 64 << 20, min_tokens: int = 4):
+        self.entries, self.max_bytes, self.min_tokens = entries, max_bytes, min_tokens
         self._prompts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []  # most recent last
         self._signature: Hashable = None
+        self._lock = threading.Lock()
         self.hits = self.reused = 0  # statistics: prompts that reused a prefix, rows reused
 
     def clear(self) -> None:
-        self._prompts.clear()
+        with self._lock:
+            self._prompts.clear()
+
+    def nbytes(self) -> int:
+        """Bytes of stored rows."""
+        return sum(k.nbytes + v.nbytes for _, k, v in self._prompts)
 
     def _check(self, signature: Hashable) -> None:
         if signature != self._signature:
@@ -55,10 +63,13 @@ class PrefixStore:
         """Copy into the empty ``cache`` (a tasc.accel.lean_decoder.LeanCache) the KV rows of the
         longest stored prefix of ``ids``, at most ``len(ids) - keep`` tokens; returns how many
         (0: nothing reused, the cache untouched)."""
+        with self._lock:
+            return self._restore(np.asarray(ids, dtype=np.int64), cache, signature, keep)
+
+    def _restore(self, tokens: np.ndarray, cache, signature: Hashable, keep: int) -> int:
         self._check(signature)
         if cache.length or not self._prompts:
             return 0
-        tokens = np.asarray(ids, dtype=np.int64)
         best, at = 0, -1
         for i, (stored, _, _) in enumerate(self._prompts):
             n = shared_prefix(tokens, stored)
@@ -77,17 +88,22 @@ class PrefixStore:
         return best
 
     def add(self, ids: Sequence[int], cache, signature: Hashable) -> None:
-        """Keep the rows of prompt ``ids``, the first ``len(ids)`` rows of ``cache``."""
-        self._check(signature)
-        n = len(ids)
-        if n < self.min_tokens or n > self.max_tokens or cache.length < n:
+        """Keep the rows of prompt ``ids``, the first ``len(ids)`` rows of ``cache`` (a prompt
+        whose rows alone exceed ``max_bytes`` is not kept)."""
+        n, tokens = len(ids), np.asarray(ids, dtype=np.int64)
+        if n < self.min_tokens or cache.length < n:
             return
-        tokens = np.asarray(ids, dtype=np.int64)
-        # A stored prompt that is a prefix of this one adds nothing once this one is kept.
-        self._prompts = [p for p in self._prompts if shared_prefix(tokens, p[0]) < len(p[0])]
-        self._prompts.append((tokens, cache.keys[:, :, :, :n].clone(), cache.values[:, :, :, :n].clone()))
-        while len(self._prompts) > self.entries or sum(len(p[0]) for p in self._prompts) > self.max_tokens:
-            self._prompts.pop(0)
+        keys, values = cache.keys[:, :, :, :n], cache.values[:, :, :, :n]
+        if keys.nbytes + values.nbytes > self.max_bytes:
+            return
+        keys, values = keys.clone(), values.clone()
+        with self._lock:
+            self._check(signature)
+            # A stored prompt that is a prefix of this one adds nothing once this one is kept.
+            self._prompts = [p for p in self._prompts if shared_prefix(tokens, p[0]) < len(p[0])]
+            self._prompts.append((tokens, keys, values))
+            while len(self._prompts) > self.entries or self.nbytes() > self.max_bytes:
+                self._prompts.pop(0)
 
 
 def reuses_prefixes(lean) -> bool:
