@@ -12,11 +12,12 @@ greedy completion, the prompt tokens reused, and whether the warm tokens equal t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
+
+from benchmarks import save_report
 
 
 def _run(lm, ids: list[int], cfg) -> tuple[float, float, list[int], int]:
@@ -90,9 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {mode} | {m['first_token_ms_p50']:.1f} | {m['latency_ms_p50']:.1f} | {m['reused_tokens_mean']:.1f} |")
     print(f"first token x{report['first_token_speedup']:.2f}, request x{report['latency_speedup']:.2f}; "
           f"warm tokens identical to cold on {same:.2f} of prompts")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    save_report(report, args.json)
     return report
 
 

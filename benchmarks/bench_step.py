@@ -13,12 +13,12 @@ and transformers' (same linear kernels; the lean steps attend row by row, transf
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 import torch
 
+from benchmarks import save_report
 from tasc.models import DEFAULT_MODEL
 
 LENGTHS = (1, 2, 4, 8, 12, 17)
@@ -91,9 +91,7 @@ def main() -> None:
         print(f"| {r['T']} | {r['transformers_ms']:.1f} ({r['transformers_min_ms']:.1f}) | {r['lean_ms']:.1f} "
               f"({r['lean_min_ms']:.1f}) | {r['transformers_over_lean']:.2f} | {r['engine_ms']:.1f} "
               f"({r['engine_min_ms']:.1f}) | {r['V']:.2f} |")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2)
+    save_report(report, args.json)
 
 
 if __name__ == "__main__":

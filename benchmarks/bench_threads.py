@@ -11,7 +11,6 @@ Python process spinning on one core for the whole measurement.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import subprocess
@@ -20,6 +19,8 @@ import tempfile
 import time
 
 import torch
+
+from benchmarks import save_report
 
 PROMPTS = ["Play the new album by Daft Punk", "Book a table for two at an Italian place tonight",
            "What's the weather in Oslo tomorrow?", "Add this song to my workout playlist"]
@@ -75,9 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
                 spin.kill()
         report[phase], report[f"{phase}: every run"] = row, runs
         print(f"{phase}: " + ", ".join(f"{k} {v:.2f}" if "/" in k else f"{k} {v:.1f} tok/s" for k, v in row.items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    save_report(report, args.json)
     return report
 
 

@@ -12,10 +12,11 @@ same text as fp32's and on how many prompts each format scores better or worse t
 from __future__ import annotations
 
 import argparse
-import json
 
 import pandas as pd
 import torch
+
+from benchmarks import save_report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -83,9 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         for w, e in entry.items():
             print(f"| {loaded[w].weights} | {e['metric']:.3f} | {e['chrf']:.2f} | {e['same_as_fp32']:.2f} "
                   f"| {e['better']} / {e['worse']} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    save_report(report, args.json)
     return report
 
 
