@@ -133,7 +133,7 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + tail + "\n"
 
 
-def _find_draft(choice: str, spec_name: str, version: str, model: str, tokenizer) -> tuple[BoundDraft | None, str]:
+def find_draft(choice: str, spec_name: str, version: str, model: str, tokenizer) -> tuple[BoundDraft | None, str]:
     """auto: the on-policy draft for this model, else the references draft; none; or a path."""
     from storage.drafts import draft_path, read_draft
     from tasc.decode.draft import check_compatible
@@ -183,7 +183,7 @@ def main() -> None:
     if rows.empty:
         raise SystemExit(f"the {args.split} split of {spec.name} is empty")
     lm = load_model(args.model, dtype=args.dtype, kernels="auto")
-    draft, draft_src = _find_draft(args.draft, spec.name, path.name, args.model, lm.tokenizer)
+    draft, draft_src = find_draft(args.draft, spec.name, path.name, args.model, lm.tokenizer)
     cost = engine.measure_verify_cost(lm.model)
     # Every prompt computed in full: the batch engine has no prefix cache (tasc.accel.prefix).
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens or spec.generation.max_new_tokens,
