@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,15 +23,10 @@ from benchmarks import save_report
 
 def _run(lm, ids: list[int], cfg, proposer=None) -> tuple[float, float, list[int], int]:
     """(seconds to the first token, seconds in all, tokens, prompt tokens reused) of one request."""
-    from tasc.decode.engine import Request, verify_step
+    from tasc.decode.engine import decode
 
-    request = Request(lm.backend, lm.tokenizer, ids, proposer, cfg)
-    first = None
-    while (step := request.next_pass()) is not None:
-        request.take(*verify_step(request.steps, step, request.draft, cfg.temperature, request.gen))
-        first = first or time.perf_counter() - request.t0
-    out = request.finish()
-    return first or 0.0, out.stats.latency_s, out.token_ids, out.stats.reused_prompt_tokens
+    out = decode(lm.backend, lm.tokenizer, ids, proposer, cfg)
+    return out.stats.first_token_s, out.stats.latency_s, out.token_ids, out.stats.reused_prompt_tokens
 
 
 def main(argv: list[str] | None = None) -> dict:

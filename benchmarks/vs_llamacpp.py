@@ -56,11 +56,12 @@ def main(argv: list[str] | None = None) -> dict:
     env = summary["environment"]
     print(f"\n{args.spec}, {args.limit} prompts, {args.threads} thread(s), {env.get('cpu')}, tasc dtype "
           f"{env.get('dtype')}, kernels {env.get('kernels')}")
-    print("| method | chars/s | tokens/s | p50 ms | mean accepted | metric |\n|---|---|---|---|---|---|")
+    print("| method | chars/s | tokens/s | p50 ms | first token ms | mean accepted | metric |\n"
+          "|---|---|---|---|---|---|---|")
     for name, m in methods.items():
-        acc = m.get("mean_accepted_length")
+        acc, first = m.get("mean_accepted_length"), m.get("first_token_ms_p50")
         print(f"| {name} | {m['chars_per_s']:.1f} | {m['tokens_per_s']:.1f} | {m['latency_ms_p50']:.0f} | "
-              f"{'-' if acc is None else f'{acc:.2f}'} | {m['metric']:.3f} |")
+              f"{'-' if first is None else f'{first:.0f}'} | {'-' if acc is None else f'{acc:.2f}'} | {m['metric']:.3f} |")
     table = ratios(methods)
     print("\n| ratio | chars/s | tokens/s |\n|---|---|---|")
     for name, r in table.items():

@@ -127,6 +127,7 @@ def test_batched_greedy_equals_single(lm, ids, greedy, bs):
             assert o.stats.forward_passes == g.stats.forward_passes == MAX_NEW
         assert o.stats.prompt_tokens == len(p) and o.stats.new_tokens == len(o.token_ids)
         assert o.stats.chars == len(o.text) and o.stats.drafted == 0
+        assert 0 < o.stats.first_token_s <= o.stats.latency_s
     assert len(ties) <= 1, ties
     if bs == 1:
         assert not ties  # one row: the same shapes as engine.decode

@@ -52,6 +52,9 @@ def test_report_keys(report):
         assert entry["samples"] == 3
         assert entry["chars_per_s"] > 0 and entry["tokens_per_s"] > 0
         assert 0 < entry["latency_ms_p50"] <= entry["latency_ms_p95"]
+        # the prompt's pass, timed by tasc's engine (transformers' generate does not say)
+        first = entry["first_token_ms_p50"]
+        assert first is None if name == "pld" else 0 < first <= entry["latency_ms_p50"]
         assert entry["forward_passes"] > 0
         assert 0.0 <= entry["metric"] <= 1.0
         assert name in report["speedup_vs_greedy"]

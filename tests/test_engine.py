@@ -99,6 +99,7 @@ def test_spec_is_token_identical_to_greedy(lm, greedy, on_policy_draft, kind):
         assert s.token_ids == g.token_ids
         assert s.text == g.text
         assert s.stats.accepted <= s.stats.drafted
+        assert 0 < s.stats.first_token_s <= s.stats.latency_s  # the prompt's pass, timed
     spec_passes = sum(o.stats.forward_passes for o in spec)
     greedy_passes = sum(o.stats.forward_passes for o in base)
     assert spec_passes <= greedy_passes

@@ -176,6 +176,7 @@ def test_batches_start_their_prompts_from_stored_prefixes_with_the_same_tokens(q
     decode(backend, qlm.tokenizer, PROMPTS[0], None, DecodeConfig(max_new_tokens=2))  # one stored prompt
     warm = decode_batch(backend, qlm.tokenizer, PROMPTS, None, DecodeConfig(max_new_tokens=16))
     assert [o.token_ids for o in warm] == [o.token_ids for o in cold]
+    assert all(0 < o.stats.first_token_s <= o.stats.latency_s for o in warm + cold)
     assert [o.stats.reused_prompt_tokens for o in cold] == [0] * len(PROMPTS)
     reused = [o.stats.reused_prompt_tokens for o in warm]
     assert reused[0] == len(PROMPTS[0]) - 1 and min(reused[1:]) >= len(TEMPLATE)

@@ -209,6 +209,7 @@ def decode_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
     logits = fwd(ids.to(dev), m.to(dev), pos.to(dev), keep=1)
     for b, r in enumerate(rows):
         r.stats.forward_passes += 1
+        r.stats.first_token_s = time.perf_counter() - t0
         _, tok = verify_draft(logits[b], _NO_DRAFT[0], cfg.temperature, r.gen)
         r.out.append(tok)
         r.ctx[r.n_ctx] = tok

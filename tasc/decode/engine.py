@@ -61,6 +61,7 @@ class RequestStats:
     accepted: int = 0  # draft tokens accepted
     draft_steps: int = 0  # verify steps that carried a draft
     latency_s: float = 0.0
+    first_token_s: float = 0.0  # the prompt's pass: time to the first token (0: not known)
     propose_s: float = 0.0  # time spent building drafts
 
     def to_dict(self) -> dict:
@@ -217,7 +218,9 @@ class Request:
         """The pass's verdict: ``n_acc`` draft tokens accepted, then the model's own ``tok``."""
         cfg, out, draft = self.cfg, self.out, self.draft
         new = [*draft[:n_acc].tolist(), tok]
-        if out:
+        if not out:
+            self.stats.first_token_s = time.perf_counter() - self.t0
+        else:
             # Step 5: roll the KV cache back over the rejected draft tokens.
             self.steps.crop(len(draft) - n_acc)
             if len(draft):

@@ -11,7 +11,7 @@ Speed is compared in output characters per second, not tokens: an expanded vocab
 changes token counts, characters stay comparable. Report keys (stable)::
 
     methods.<name>.{chars_per_s, tokens_per_s, latency_ms_p50, latency_ms_p95,
-                    forward_passes, forward_passes_per_100_chars, acceptance_rate,
+                    first_token_ms_p50, forward_passes, forward_passes_per_100_chars, acceptance_rate,
                     mean_accepted_length, metric, identical_to_greedy, differing_ids,
                     propose_share, peak_rss_mb}
     speedup_vs_greedy.<name>
@@ -79,12 +79,15 @@ def summarise(outputs: Sequence[Output], scores: Sequence[float], greedy: Sequen
     accepted = sum(s.accepted for s in st)
     steps = sum(s.draft_steps for s in st)
     lat = np.array([s.latency_s for s in st]) * 1000.0
+    first = np.array([s.first_token_s for s in st if s.first_token_s > 0]) * 1000.0
     entry = {
         "samples": len(st),
         "chars_per_s": chars / total_s,
         "tokens_per_s": tokens / total_s,
         "latency_ms_p50": float(np.percentile(lat, 50)) if len(lat) else 0.0,
         "latency_ms_p95": float(np.percentile(lat, 95)) if len(lat) else 0.0,
+        # the prompt's pass; None where the method does not report it (transformers' generate)
+        "first_token_ms_p50": float(np.percentile(first, 50)) if len(first) == len(st) and len(st) else None,
         "forward_passes": passes,
         "forward_passes_per_100_chars": 100.0 * passes / max(chars, 1),
         "output_chars": chars,
@@ -175,14 +178,15 @@ def _fmt(v, fmt: str = ".2f") -> str:
 def markdown_table(report: dict) -> str:
     """A readable table of the report, one row per method."""
     head = (
-        "| method | chars/s | x greedy | tokens/s | p50 ms | p95 ms | passes/100 chars | accept rate "
-        "| mean accepted | metric | identical |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| method | chars/s | x greedy | tokens/s | p50 ms | p95 ms | first token ms | passes/100 chars "
+        "| accept rate | mean accepted | metric | identical |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for name, e in report["methods"].items():
         lines.append(
             f"| {name} | {e['chars_per_s']:.1f} | {_fmt(report['speedup_vs_greedy'].get(name))} | "
             f"{e['tokens_per_s']:.1f} | {e['latency_ms_p50']:.0f} | {e['latency_ms_p95']:.0f} | "
+            f"{_fmt(e.get('first_token_ms_p50'), '.0f')} | "
             f"{e['forward_passes_per_100_chars']:.1f} | {_fmt(e['acceptance_rate'])} | "
             f"{_fmt(e['mean_accepted_length'])} | {_fmt(e['metric'], '.3f')} | {_fmt(e.get('identical_to_greedy'))} |"
         )

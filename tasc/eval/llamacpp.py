@@ -126,5 +126,5 @@ class LlamaCppRunner:
             text = cut_at_stop(text, self.cfg.stop)
         stats = RequestStats(prompt_tokens=prompt_tokens, new_tokens=new_tokens, chars=len(text),
                              forward_passes=runs + 1, drafted=drafted, accepted=accepted,
-                             draft_steps=0, latency_s=(prefill_ms + decode_ms) / 1e3)
+                             draft_steps=0, latency_s=(prefill_ms + decode_ms) / 1e3, first_token_s=prefill_ms / 1e3)
         return Output(text=text, token_ids=[], stats=stats)
