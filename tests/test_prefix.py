@@ -119,22 +119,28 @@ def test_decoding_with_the_prefix_cache_emits_the_tokens_of_full_prompts(qlm, sp
 
 
 @needs_kernels
-def test_weights_changed_in_place_forget_the_stored_rows(tiny_model_dir):
+@pytest.mark.parametrize("change", ["norms", "linear", "embedding"])
+def test_weights_changed_in_place_forget_the_stored_rows(tiny_model_dir, change):
+    def edit(model):
+        with torch.no_grad():
+            if change == "norms":
+                model.model.layers[0].input_layernorm.weight.mul_(0.5)
+            elif change == "linear":  # quantised again by the lean decoder on the next request
+                model.model.layers[1].mlp.down_proj.weight.mul_(1.25)
+            else:
+                model.model.embed_tokens.weight[PROMPTS[1][0]] *= 2.0
+
     lm = load_model(str(tiny_model_dir), dtype="q8_0", device="cpu", kernels="auto")
     if lm.backend.prefixes is None:
         pytest.skip("no prefix cache on this CPU")
-    steps = lm.backend.start()
-    steps.argmax(PROMPTS[0], keep=1)
-    with torch.no_grad():
-        lm.model.model.norm.weight.mul_(1.5)  # the final norm: its rows are not in the cache, but it is a weight
-        lm.model.model.layers[0].input_layernorm.weight.mul_(0.5)
+    lm.backend.start().argmax(PROMPTS[0], keep=1)
+    edit(lm.model)
     again = lm.backend.start()
     fresh = load_model(str(tiny_model_dir), dtype="q8_0", device="cpu", kernels="auto")
-    with torch.no_grad():
-        fresh.model.model.norm.weight.mul_(1.5)
-        fresh.model.model.layers[0].input_layernorm.weight.mul_(0.5)
+    edit(fresh.model)
     assert again.argmax(PROMPTS[1], keep=1) == fresh.backend.start(reuse_prefix=False).argmax(PROMPTS[1], keep=1)
     assert again.reused == 0
+    assert lm.backend.start().argmax(PROMPTS[2], keep=1) and lm.backend.prefixes.reused > 0  # rows of the new weights
 
 
 def test_fp32_backends_have_no_prefix_cache(tiny_lm):

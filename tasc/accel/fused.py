@@ -147,13 +147,14 @@ class FusedStep:
         self.layers, self.stamps = layers, stamps
 
     def signature(self) -> tuple:
-        """What a step's rows depend on besides its tokens: the quantised linears' identities
-        (the lean decoder makes new ones when a weight changes) and the identity and in-place
-        version of the norms, the embedding table and the rotary frequencies. Stored prompt
-        rows are valid while it stays the same (tasc.accel.prefix)."""
+        """What a step's rows depend on besides its tokens: the identity, in-place version and
+        shape of every weight (the linears' as their groups last quantised them, the norms, the
+        embedding table, the rotary frequencies). Stored prompt rows are valid while it stays
+        the same (tasc.accel.prefix)."""
         base = self.lean.base
+        linears = tuple(tuple(g.stamps or ()) for layer in self.lean.layers for g in layer.groups())
         tensors = [*self._keep, base.embed_tokens.weight, getattr(base.rotary_emb, "inv_freq", None)]
-        return tuple(self.stamps), tuple(weight_stamp(t) for t in tensors if isinstance(t, torch.Tensor))
+        return linears, tuple(weight_stamp(t) for t in tensors if isinstance(t, torch.Tensor))
 
     def embeddings(self) -> np.ndarray | None:
         """The float32 (vocab, hidden) embedding table the step copies rows from (a view: in-place
