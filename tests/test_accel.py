@@ -169,6 +169,23 @@ def test_thread_budget_grants_one_thread_while_another_process_keeps_a_core_busy
     assert budget.threads(2) == (1 if seen[-1] > budget.crowded else 2)
 
 
+def test_a_child_waited_for_counts_as_this_process_not_as_a_neighbour():
+    """A benchmark runs another engine as a child between its own requests: once the child has
+    ended, its CPU time is this process's, so the next request is not judged crowded by it."""
+    import os
+    import subprocess
+    import sys
+
+    from tasc.accel.threads import _own_busy
+
+    before = _own_busy()
+    if before is None:
+        pytest.skip("needs /proc")
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 0.5: pass"
+    subprocess.run([sys.executable, "-c", spin], check=True)
+    assert _own_busy() - before >= 0.4 * os.sysconf("SC_CLK_TCK")  # the parent itself only waited
+
+
 def test_thread_budget_looks_again_soon_after_an_idle_spell():
     """A look over an idle spell judges by all of it (load that may have ended since, such as
     another benchmark), so the next look comes after ``recheck`` seconds, not ``interval``."""

@@ -30,13 +30,16 @@ def _machine_busy() -> float | None:
 
 
 def _own_busy() -> float | None:
-    """CPU time of this process (all its threads) so far, in clock ticks."""
+    """CPU time of this process (all its threads) and of the child processes it has waited for
+    so far, in clock ticks. A child's time counts once it ends: a benchmark that runs another
+    engine as a child between its own requests (llama.cpp) does not then see it as a neighbour
+    on its next request."""
     try:
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return float(int(fields[11]) + int(fields[12]))  # utime, stime
+    return float(sum(int(v) for v in fields[11:15]))  # utime, stime, cutime, cstime
 
 
 class ThreadBudget:
