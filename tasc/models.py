@@ -259,6 +259,23 @@ def load_tokenizer(name: str | os.PathLike, cache_dir: Path | None = None):
     return tok
 
 
+def _mapped_weights(model, weights: str, kernels: str, gguf: Path | None) -> set[int]:
+    """ids of the parameters left memory-mapped from the model folder instead of copied into
+    memory, for a model that decodes on its GGUF file's blocks: the decoder layers' linears,
+    the embedding and the LM head (all of the shipped model's 0.54 GB in fp32 but its norms).
+    Decoding reads none of the linears' fp32 values, only a fallback (a call autograd
+    differentiates, the portable kernel's long prompts) or a re-quantisation after a change
+    does, and of the embedding only the rows of the tokens it meets; the kernel pages in what
+    is read. That folder is a GGUF conversion (:func:`convert_gguf`), replaced only by
+    renaming, so the mapped file never changes under a running process."""
+    from tasc.accel.quantized import layer_linears, unsupported
+
+    if weights != "gguf" or kernels != "auto" or unsupported(model, weights, gguf) is not None:
+        return set()
+    tables = (model.get_input_embeddings(), model.get_output_embeddings())
+    return {id(module.weight) for module in (*tables, *(m for _, m in layer_linears(model)))}
+
+
 def load_model(
     name: str | os.PathLike = DEFAULT_MODEL,
     cache_dir: Path | None = None,
@@ -302,9 +319,11 @@ def load_model(
     if device == "cpu":
         # Weights loaded unconverted stay memory-mapped from the safetensors file, and the
         # kernel may drop such pages under memory pressure; a private copy stays resident.
+        mapped = _mapped_weights(model, weights, kernels, gguf)
         with torch.no_grad():
             for p in model.parameters():
-                p.data = p.data.clone()
+                if id(p) not in mapped:
+                    p.data = p.data.clone()
     from tasc.accel.backend import Backend
 
     if kernels == "auto" and device == "cpu" and torch_dtype == torch.float32:

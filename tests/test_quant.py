@@ -162,6 +162,20 @@ def test_row_operations_for_fused_and_permuted_weights():
     assert np.array_equal(fused.matmul(x, threads=1), np.hstack([p.matmul(x, threads=1) for p in parts]))
     with pytest.raises(ValueError, match="cannot concatenate"):
         QuantWeight.concat([q, weights("Q8_0", n=48, k=64)[1]])
+    # Parts of whole column groups: the fused layout is built from theirs, theirs become views
+    # of it (the weights are held once), and every product stays the same.
+    parts = [q.take_rows(slice(0, 16)), q.take_rows(slice(16, 48))]
+    alone = [p.matmul(x, threads=1) for p in parts]
+    fused = QuantWeight.concat(parts)
+    assert fused.shape == (48, 64) and fused.nbytes == q.nbytes
+    assert np.array_equal(fused.blocks, q.blocks)
+    for part, y in zip(parts, alone, strict=True):
+        assert all(np.shares_memory(a, b) for a, b in zip(part.packed(), fused.packed(), strict=True))
+        assert np.array_equal(part.matmul(x, threads=1), y)
+    assert np.array_equal(fused.matmul(x, threads=1), np.hstack(alone))
+    assert np.array_equal(fused.matmul(x, threads=1), q.matmul(x, threads=1))
+    assert np.array_equal(fused.dequantize(), q.dequantize())
+    assert QuantWeight.concat([q]) is q
     # llama.cpp's conversion permutes q/k rows per head; unpermute_rows undoes it exactly.
     n_head = 3
     hf = w.reshape(n_head, 2, 48 // n_head // 2, 64).swapaxes(1, 2).reshape(48, 64)  # as convert does

@@ -77,3 +77,57 @@ def test_a_damaged_gguf_fails_naming_the_file(tiny_model_dir, tmp_path):
     model = load_model(str(tiny_model_dir), dtype="float32", device="cpu").model
     with pytest.raises(ValueError, match="cut.gguf: not a readable GGUF file"):
         quantize_model(model, "gguf", path)
+
+
+def _mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose mapping holds ``t``'s data, or None (anonymous memory, the heap)."""
+    at = t.data_ptr()
+    for line in open("/proc/self/maps"):
+        span, *rest = line.split()
+        lo, hi = (int(v, 16) for v in span.split("-"))
+        if lo <= at < hi:
+            return rest[4] if len(rest) > 4 and rest[4].startswith("/") else None
+    return None
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc")
+def test_a_gguf_folder_keeps_its_fp32_weights_mapped_and_follows_changes(tiny_model_dir, tmp_path):
+    """A folder converted from a GGUF file decodes on the file's blocks; its fp32 linears,
+    embedding and head stay mapped from the folder's safetensors file (copy-on-write), not
+    copied into memory, and decode the same as fully copied weights. A weight changed in place
+    changes the outputs and leaves the file as it was."""
+    import hashlib
+    import shutil
+
+    gguf_path = tmp_path / "tiny.gguf"
+    fp32 = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    _write_gguf(fp32.model, gguf_path)
+    folder = tmp_path / "converted"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "SOURCE").write_text(f"converted from {gguf_path}\n")
+    lm = load_model(str(folder), device="cpu", kernels="auto")
+    assert lm.weights == "gguf Q8_0, head Q8_0"
+    weights = folder / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    base = lm.model.model
+    assert _mapped_file(base.embed_tokens.weight) == str(weights)
+    assert _mapped_file(base.layers[0].mlp.down_proj.weight) == str(weights)
+    assert _mapped_file(base.layers[0].input_layernorm.weight) is None  # read every step: copied
+
+    ref = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    for p in ref.model.parameters():
+        assert _mapped_file(p) is None
+    from tasc.accel.backend import Backend
+
+    ref_backend = Backend.accelerated(ref.model, "gguf", gguf_path)
+    ids = [5, 17, 42, 99, 3, 8]
+    mine, theirs = lm.backend.start(reuse_prefix=False), ref_backend.start(reuse_prefix=False)
+    assert torch.equal(mine.step(ids, 6), theirs.step(ids, 6))
+    assert mine.argmax([11, 12], 2) == theirs.argmax([11, 12], 2)
+
+    with torch.no_grad():
+        before = lm.backend.start(reuse_prefix=False).step(ids, 1)
+        base.layers[0].mlp.down_proj.weight.mul_(-1.0)
+        after = lm.backend.start(reuse_prefix=False).step(ids, 1)
+    assert not torch.equal(before, after)
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest

@@ -174,9 +174,15 @@ class QuantWeight:
         if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] != k // BLOCK * TYPE_SIZE[fmt]:
             raise ValueError(f"{fmt} blocks for K = {k} must be uint8 (N, {k // BLOCK * TYPE_SIZE[fmt]}), "
                              f"not {blocks.dtype} {blocks.shape}")
-        self.blocks, self.fmt, self.k, self.n = blocks, fmt, k, blocks.shape[0]
+        self._blocks, self.fmt, self.k, self.n = blocks, fmt, k, blocks.shape[0]
+        self._parts: list[QuantWeight] | None = None  # a concat's rows, see :meth:`concat`
         self._packed: tuple[np.ndarray, np.ndarray] | None = None
         self._pointers: tuple[int, int] | None = None
+
+    @property
+    def blocks(self) -> np.ndarray:
+        """The GGUF bytes, (n, k/32 * TYPE_SIZE) uint8 (a concat's: gathered from its parts)."""
+        return self._blocks if self._parts is None else np.concatenate([p.blocks for p in self._parts])
 
     @classmethod
     def from_gguf(cls, tensor) -> QuantWeight:
@@ -203,11 +209,31 @@ class QuantWeight:
 
     @classmethod
     def concat(cls, weights: Sequence[QuantWeight]) -> QuantWeight:
-        """Rows of several weights, in order (fused q/k/v or gate/up: outputs side by side)."""
+        """Rows of several weights, in order (fused q/k/v or gate/up: outputs side by side).
+
+        Where every part fills whole column groups, the result's kernel layout is the parts'
+        one after another: it is built from theirs, and theirs become views of it, so a model
+        holds each weight's layout once, not once in a module and again in its fused group."""
         fmts, ks = {w.fmt for w in weights}, {w.k for w in weights}
         if len(fmts) != 1 or len(ks) != 1:
             raise ValueError(f"cannot concatenate weights of formats {fmts} and K {ks}")
-        return cls(np.concatenate([w.blocks for w in weights]), fmts.pop(), ks.pop())
+        fmt, k = fmts.pop(), ks.pop()
+        if len(weights) == 1:
+            return weights[0]
+        if any(w.n % GROUP for w in weights):
+            return cls(np.concatenate([w.blocks for w in weights]), fmt, k)
+        out = cls(np.empty((0, k // BLOCK * TYPE_SIZE[fmt]), dtype=np.uint8), fmt, k)
+        out.n, out._parts = sum(w.n for w in weights), list(weights)
+        layouts = [w.packed() for w in weights]
+        qs = _aligned(sum(q.nbytes for q, _ in layouts))
+        sc = _aligned(sum(s.nbytes for _, s in layouts)).view(np.uint16)
+        q_at = s_at = 0
+        for w, (q, s) in zip(weights, layouts, strict=True):
+            qs[q_at : q_at + q.size], sc[s_at : s_at + s.size] = q, s
+            w._packed, w._pointers = (qs[q_at : q_at + q.size], sc[s_at : s_at + s.size]), None
+            q_at, s_at = q_at + q.size, s_at + s.size
+        out._packed = qs, sc
+        return out
 
     def take_rows(self, index) -> QuantWeight:
         """Rows ``index`` (a slice, or an array of row ids: a selection or a permutation)."""
@@ -225,7 +251,7 @@ class QuantWeight:
 
     @property
     def nbytes(self) -> int:
-        return self.blocks.nbytes
+        return self.n * (self.k // BLOCK) * TYPE_SIZE[self.fmt]
 
     def _fields(self) -> tuple[np.ndarray, ...]:
         """(n, k/32, .) views: fp16 scale d, [fp16 min m,] quants."""

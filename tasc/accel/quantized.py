@@ -6,14 +6,15 @@ through fp32; ``q8_0``, ``q4_0`` and ``q4_1`` quantise the model's fp32 weights 
 Hugging Face folder, a TASC-ft model after fine-tuning). A GGUF tensor of a type the kernels do
 not run is quantised from the model's fp32 copy to Q8_0 instead, with a one-line notice.
 
-Each quantised ``nn.Linear`` keeps its fp32 weight (the embedding, prompt prefill and training
-use it) and gets the quantised copy beside it; its ``forward`` then runs the quantised kernel
-for inference steps of up to ``LONG`` rows, whose every output row is computed by one fixed
-reduction whatever the number of rows, so speculative verify steps emit exactly the greedy
-tokens. Prompt prefills (more rows) run torch's BLAS on the fp32 weight, which is faster there;
-greedy and speculative decoding share that prefill. A call that autograd must differentiate,
-or a weight changed since it was quantised, goes to the fp32 path (a changed weight is
-quantised again on the next inference call, in the same format, from the fp32 values).
+Each quantised ``nn.Linear`` keeps its fp32 weight (training and the fallbacks below read it;
+for a model decoded on its GGUF blocks it stays mapped from the model file, tasc.models) and gets
+the quantised copy beside it; its ``forward`` runs the quantised kernel for inference calls of up
+to ``LONG`` rows, whose every output row is computed by one fixed reduction whatever the number
+of rows, so speculative verify steps emit exactly the greedy tokens. Longer calls (a prompt
+through transformers' forward) run torch's BLAS on the fp32 weight; the lean decoder's fused
+step (tasc.accel.fused) takes prompts ``LONG`` rows at a time instead. A call that autograd must
+differentiate goes to the fp32 path; a weight changed since it was quantised is quantised again
+on the next inference call, in the same format, from the fp32 values.
 
 Where this applies: llama-family models on the CPU in float32 with the quantised kernel
 library; :func:`quantize_model` returns None elsewhere and the model keeps its fp32 kernels.
@@ -113,6 +114,13 @@ def unsupported(model, weights: str, gguf: Path | None) -> str | None:
     return None
 
 
+def layer_linears(model):
+    """(GGUF tensor name, nn.Linear) of every linear in ``model``'s decoder layers."""
+    for i, layer in enumerate(model.base_model.layers):
+        for name, gname in GGUF_NAMES.items():
+            yield f"blk.{i}.{gname}.weight", getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
+
+
 def _gguf_weight(tensors: dict, name: str, module, config, notices: list[str]) -> quant.QuantWeight:
     t = tensors.get(name)
     if t is None:
@@ -138,8 +146,7 @@ def quantize_model(model, weights: str, gguf: Path | None = None) -> str | None:
     the model, naming the file and tensor."""
     if unsupported(model, weights, gguf) is not None:
         return None
-    config, layers = model.config, model.base_model.layers
-    head = model.get_output_embeddings()
+    config, head = model.config, model.get_output_embeddings()
     notices: list[str] = []
     if weights == "gguf":
         from gguf import GGUFReader
@@ -160,10 +167,8 @@ def quantize_model(model, weights: str, gguf: Path | None = None) -> str | None:
             return quant.QuantWeight.quantize(module.weight, fmt)
 
         head_name = "lm_head"
-    for i, layer in enumerate(layers):
-        for name, gname in GGUF_NAMES.items():
-            module = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
-            attach(module, make(f"blk.{i}.{gname}.weight", module))
+    for name, module in layer_linears(model):
+        attach(module, make(name, module))
     attach(head, make(head_name, head))
     for line in notices:
         print(f"notice: {gguf}: {line}", file=sys.stderr)
