@@ -20,9 +20,8 @@ from tasc.ngrams.counts import (
     count_ngrams,
     count_text_ngrams,
     count_token_ngrams,
-    encode_texts,
-    split_words,
 )
+from tasc.ngrams.pretokens import encode_texts, split_words
 
 TRICKY = [
     "",

@@ -29,9 +29,9 @@ from tasc.ngrams.counts import (
     _encoded_lengths,
     _finish,
     count_ngrams,
-    encode_texts,
     token_table,
 )
+from tasc.ngrams.pretokens import encode_texts
 
 
 @dataclass(frozen=True)
