@@ -319,6 +319,7 @@ def load_model(
     if device == "cpu":
         # Weights loaded unconverted stay memory-mapped from the safetensors file, and the
         # kernel may drop such pages under memory pressure; a private copy stays resident.
+        # Weights that decoding does not read stay mapped (_mapped_weights).
         mapped = _mapped_weights(model, weights, kernels, gguf)
         with torch.no_grad():
             for p in model.parameters():
