@@ -259,23 +259,6 @@ def load_tokenizer(name: str | os.PathLike, cache_dir: Path | None = None):
     return tok
 
 
-def _mapped_weights(model, weights: str, kernels: str, gguf: Path | None) -> set[int]:
-    """ids of the parameters left memory-mapped from the model folder instead of copied into
-    memory, for a model that decodes on its GGUF file's blocks: the decoder layers' linears,
-    the embedding and the LM head (all of the shipped model's 0.54 GB in fp32 but its norms).
-    Decoding reads none of the linears' fp32 values, only a fallback (a call autograd
-    differentiates, the portable kernel's long prompts) or a re-quantisation after a change
-    does, and of the embedding only the rows of the tokens it meets; the kernel pages in what
-    is read. That folder is a GGUF conversion (:func:`convert_gguf`), replaced only by
-    renaming, so the mapped file never changes under a running process."""
-    from tasc.accel.quantized import layer_linears, unsupported
-
-    if weights != "gguf" or kernels != "auto" or unsupported(model, weights, gguf) is not None:
-        return set()
-    tables = (model.get_input_embeddings(), model.get_output_embeddings())
-    return {id(module.weight) for module in (*tables, *(m for _, m in layer_linears(model)))}
-
-
 def load_model(
     name: str | os.PathLike = DEFAULT_MODEL,
     cache_dir: Path | None = None,
@@ -316,11 +299,18 @@ def load_model(
             f"{model.get_input_embeddings().weight.shape[0]} embedding rows; they do not belong together"
         )
     model.to(device).eval()
+    # Weights that decoding does not read stay mapped; spans: file pages to hand back once
+    # quantised (tasc.accel.resident).
+    mapped: set[int] = set()
+    spans: list[tuple[int, int]] = []
     if device == "cpu":
         # Weights loaded unconverted stay memory-mapped from the safetensors file, and the
         # kernel may drop such pages under memory pressure; a private copy stays resident.
-        # Weights that decoding does not read stay mapped (_mapped_weights).
-        mapped = _mapped_weights(model, weights, kernels, gguf)
+        if weights in QUANTISED and kernels == "auto":
+            from tasc.accel.resident import file_spans, mapped_weights
+
+            mapped = mapped_weights(model, weights, gguf)
+            spans = file_spans(list(model.parameters())) if mapped else []
         with torch.no_grad():
             for p in model.parameters():
                 if id(p) not in mapped:
@@ -332,6 +322,10 @@ def load_model(
             backend = Backend.accelerated(model, weights if weights in QUANTISED else "float32", gguf)
         except ValueError as e:  # a GGUF file that does not match the model, named by the message
             raise ModelError(str(e)) from e
+        if mapped and backend.quant_label is not None:
+            from tasc.accel.resident import page_out
+
+            page_out(model, spans)
     else:
         backend = Backend.for_model(model)
     applied = backend.quant_label or ("float32" if torch_dtype == torch.float32 else weights)

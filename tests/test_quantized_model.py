@@ -91,35 +91,42 @@ def _mapped_file(t: torch.Tensor) -> str | None:
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc")
-def test_a_gguf_folder_keeps_its_fp32_weights_mapped_and_follows_changes(tiny_model_dir, tmp_path):
-    """A folder converted from a GGUF file decodes on the file's blocks; its fp32 linears,
-    embedding and head stay mapped from the folder's safetensors file (copy-on-write), not
-    copied into memory, and decode the same as fully copied weights. A weight changed in place
-    changes the outputs and leaves the file as it was."""
+@pytest.mark.parametrize("weights", ["gguf", "q8_0"])
+def test_fp32_weights_that_decoding_does_not_read_stay_mapped(tiny_model_dir, tmp_path, weights):
+    """A model decoded on quantised weights leaves its fp32 linears mapped from the folder's
+    safetensors file (copy-on-write), not copied into memory; the embedding too where the
+    folder is a GGUF conversion. Its weights read back as loaded after their pages were handed
+    back, and it decodes the same as a fully copied model. A weight changed in place changes
+    the outputs and leaves the file as it was."""
     import hashlib
     import shutil
 
     gguf_path = tmp_path / "tiny.gguf"
     fp32 = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     _write_gguf(fp32.model, gguf_path)
-    folder = tmp_path / "converted"
+    folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
-    (folder / "SOURCE").write_text(f"converted from {gguf_path}\n")
+    if weights == "gguf":
+        (folder / "SOURCE").write_text(f"converted from {gguf_path}\n")
     lm = load_model(str(folder), device="cpu", kernels="auto")
-    assert lm.weights == "gguf Q8_0, head Q8_0"
-    weights = folder / "model.safetensors"
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert lm.weights == ("gguf Q8_0, head Q8_0" if weights == "gguf" else "q8_0")
+    file = folder / "model.safetensors"
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
     base = lm.model.model
-    assert _mapped_file(base.embed_tokens.weight) == str(weights)
-    assert _mapped_file(base.layers[0].mlp.down_proj.weight) == str(weights)
+    assert _mapped_file(base.layers[0].mlp.down_proj.weight) == str(file)
+    assert _mapped_file(base.layers[1].self_attn.q_proj.weight) == str(file)
+    assert _mapped_file(base.embed_tokens.weight) == (str(file) if weights == "gguf" else None)
     assert _mapped_file(base.layers[0].input_layernorm.weight) is None  # read every step: copied
 
     ref = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     for p in ref.model.parameters():
         assert _mapped_file(p) is None
+    # The pages handed back after quantisation (tasc.accel.resident.page_out) read back as they were.
+    for (name, a), b in zip(lm.model.named_parameters(), ref.model.parameters(), strict=True):
+        assert torch.equal(a, b), name
     from tasc.accel.backend import Backend
 
-    ref_backend = Backend.accelerated(ref.model, "gguf", gguf_path)
+    ref_backend = Backend.accelerated(ref.model, weights, gguf_path)
     ids = [5, 17, 42, 99, 3, 8]
     mine, theirs = lm.backend.start(reuse_prefix=False), ref_backend.start(reuse_prefix=False)
     assert torch.equal(mine.step(ids, 6), theirs.step(ids, 6))
@@ -130,4 +137,22 @@ def test_a_gguf_folder_keeps_its_fp32_weights_mapped_and_follows_changes(tiny_mo
         base.layers[0].mlp.down_proj.weight.mul_(-1.0)
         after = lm.backend.start(reuse_prefix=False).step(ids, 1)
     assert not torch.equal(before, after)
-    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest
+    assert hashlib.sha256(file.read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc")
+def test_file_spans_are_whole_pages_of_file_mappings_only(tmp_path):
+    import mmap
+
+    from tasc.accel.resident import file_spans
+
+    page = mmap.PAGESIZE
+    path = tmp_path / "blob.bin"
+    path.write_bytes(bytes(range(256)) * (3 * page // 256))
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    assert int(mapped[: 3 * page].astype(np.int64).sum()) == 3 * page // 256 * sum(range(256))
+    assert file_spans([mapped]) == [(mapped.ctypes.data, mapped.ctypes.data + 3 * page)]
+    inner = mapped[10 : 2 * page + 10]  # two pages' bytes, one whole page inside
+    assert file_spans([inner]) == [(mapped.ctypes.data + page, mapped.ctypes.data + 2 * page)]
+    assert file_spans([np.ones(4 * page, dtype=np.uint8)]) == []  # anonymous memory: not handed back
+    assert file_spans([torch.ones(4 * page)]) == []

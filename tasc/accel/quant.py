@@ -204,8 +204,14 @@ class QuantWeight:
         w = np.asarray(weight, dtype=np.float32)
         if w.ndim != 2 or w.shape[1] % BLOCK or w.shape[1] == 0:
             raise ValueError(f"weight shape {w.shape}: (N, K) with K a positive multiple of {BLOCK} expected")
+        if fmt not in TYPES:
+            raise ValueError(f"unsupported block format {fmt!r}: expected one of {', '.join(TYPES)}")
         n, k = w.shape
-        return cls(quantize_blocks(w.reshape(-1, BLOCK), fmt).reshape(n, -1), fmt, k)
+        out = np.empty((n, k // BLOCK * TYPE_SIZE[fmt]), dtype=np.uint8)
+        step = max(1, (1 << 20) // k)  # rows at a time: the temporaries stay a few MB, not the weight's size
+        for i in range(0, n, step):
+            out[i : i + step] = quantize_blocks(w[i : i + step].reshape(-1, BLOCK), fmt).reshape(-1, out.shape[1])
+        return cls(out, fmt, k)
 
     @classmethod
     def concat(cls, weights: Sequence[QuantWeight]) -> QuantWeight:

@@ -1,0 +1,93 @@
+"""What of a model decoded on quantised weights stays in memory.
+
+Decoding on quantised weights reads their kernel layouts (tasc.accel.quant), the norms, and
+the embedding rows of the tokens it meets; the model's fp32 linears and head are read only by a
+fallback (a call autograd differentiates, the portable kernel's long prompts) or a
+re-quantisation after a change. So:
+
+- :func:`mapped_weights` names the fp32 parameters that loading leaves memory-mapped
+  (copy-on-write) from the model's safetensors file instead of copying them: the layers'
+  linears and the head, and the embedding too where the folder is a GGUF conversion
+  (tasc.models.convert_gguf), which tasc replaces only by renaming. As with llama.cpp's
+  memory-mapped GGUF files, overwriting a model folder in place under a process that serves it
+  is not supported.
+- :func:`page_out` hands back the file pages that loading read and decoding will not: the
+  fp32 values quantised at load, and the GGUF blocks once packed. The kernel reads them again
+  from the file if ever needed. Without ``MADV_PAGEOUT`` (not Linux, or Linux before 5.4)
+  nothing is handed back; the pages then go first when memory runs short.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+
+from tasc.accel.quantized import current_weight, layer_linears, unsupported
+
+MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)
+
+
+def mapped_weights(model, weights: str, gguf) -> set[int]:
+    """ids of the parameters to leave mapped for a model decoded on ``weights`` (a quantised
+    format of tasc.accel.quantized.WEIGHTS; anything else: none)."""
+    if unsupported(model, weights, gguf) is not None:
+        return set()
+    mapped = {id(m.weight) for m in (model.get_output_embeddings(), *(m for _, m in layer_linears(model)))}
+    embedding = model.get_input_embeddings().weight
+    if weights == "gguf":
+        mapped.add(id(embedding))
+    else:
+        mapped.discard(id(embedding))  # read every step; a tied head shares it
+    return mapped
+
+
+def _file_ranges() -> list[tuple[int, int]]:
+    """The address ranges of this process's file mappings (none without /proc)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        span, *rest = line.split()
+        if len(rest) > 4 and rest[4].startswith("/"):
+            lo, hi = span.split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+def file_spans(arrays) -> list[tuple[int, int]]:
+    """(start, end) of the whole pages inside each of ``arrays`` (torch tensors or numpy
+    arrays) that lie in a file mapping."""
+    ranges, page, out = _file_ranges(), mmap.PAGESIZE, []
+    for a in arrays:
+        at, size = (a.data_ptr(), a.numel() * a.element_size()) if hasattr(a, "data_ptr") else (a.ctypes.data, a.nbytes)
+        start, end = -(-at // page) * page, (at + size) // page * page
+        if end > start and any(lo <= start and end <= hi for lo, hi in ranges):
+            out.append((start, end))
+    return out
+
+
+def page_out(model, spans: list[tuple[int, int]]) -> int:
+    """After quantisation: hand back the file pages of ``spans`` (from :func:`file_spans` of the
+    parameters before loading copied some: copying read them) and of the GGUF blocks the kernel
+    layouts were packed from (built now where they were not yet). Spans no longer in a file
+    mapping are left alone. Returns the bytes handed back (0 where the call is missing)."""
+    blocks = []
+    for module in model.modules():
+        if "_tasc_quant" in module.__dict__:
+            w = current_weight(module)
+            w.packed()
+            if w._parts is None:
+                blocks.append(w._blocks)
+    ranges = _file_ranges()
+    spans = [s for s in [*spans, *file_spans(blocks)] if any(lo <= s[0] and s[1] <= hi for lo, hi in ranges)]
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    total = 0
+    for start, end in spans:
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT):
+            return total  # EINVAL: a kernel without MADV_PAGEOUT
+        total += end - start
+    return total
