@@ -203,3 +203,22 @@ def test_argmax_is_the_first_largest_output(fmt, variants):
         for threads in (1, 2):
             for m in (1, 3, 17):
                 assert np.array_equal(q.argmax(x[:m], threads=threads, isa=name), expected[:m]), (name, m)
+
+
+def test_layouts_packed_together_share_one_huge_page_aligned_buffer():
+    """pack_together moves the layouts (a concat's parts follow it) into one buffer starting on
+    a huge-page boundary; every product stays the same, through the weights and their parts."""
+    x = activations(3, 64)
+    a, b, c = (weights(fmt, n=32, k=64)[1] for fmt in ("Q4_1", "Q8_0", "Q4_1"))
+    parts = [a.take_rows(slice(0, 16)), a.take_rows(slice(16, 32))]
+    fused = QuantWeight.concat(parts)
+    before = [w.matmul(x, threads=1) for w in (fused, *parts, b, c)]
+    quant.pack_together([fused, b, c, b])  # a weight named twice moves once
+    base = fused.packed()[0]
+    while base.base is not None:
+        base = base.base
+    layouts = [w.packed() for w in (fused, *parts, b, c)]
+    assert all(np.shares_memory(arr, base) for layout in layouts for arr in layout)
+    assert fused.packed()[0].ctypes.data % quant.HUGE == 0
+    assert all(np.shares_memory(p, f) for part in parts for p, f in zip(part.packed(), fused.packed(), strict=True))
+    assert all(np.array_equal(w.matmul(x, threads=1), y) for w, y in zip((fused, *parts, b, c), before, strict=True))

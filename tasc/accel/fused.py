@@ -29,6 +29,7 @@ import torch
 from tasc.accel import quant
 from tasc.accel.attention import decoder_library
 from tasc.accel.packed import weight_stamp
+from tasc.accel.quantized import current_weight
 from tasc.accel.threads import BUDGET
 
 FUSED_MODELS = ("llama", "mistral", "qwen2")
@@ -134,6 +135,12 @@ class FusedStep:
         stamps = [id(g.quant) for layer in self.lean.layers for g in layer.groups()]
         if stamps == self.stamps:
             return
+        # Every layout a step reads in one buffer on huge pages; the head's moves too, so the
+        # table points at it again on the next argmax.
+        head = self.lean.model.get_output_embeddings()
+        heads = [current_weight(head)] if "_tasc_quant" in getattr(head, "__dict__", {}) else []
+        quant.pack_together([g.quant for layer in self.lean.layers for g in layer.groups()] + heads)
+        self.head = None
         self._keep = []  # tensors the table points into
         layers = (_Layer * len(self.lean.layers))()
         for i, (mine, theirs) in enumerate(zip(self.lean.layers, self.lean.base.layers, strict=False)):

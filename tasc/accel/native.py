@@ -92,6 +92,26 @@ def load(name: str) -> ctypes.CDLL | None:
         return None
 
 
+MADV_HUGEPAGE, MADV_PAGEOUT = 14, 21  # Linux's advice values
+
+
+@cache
+def _libc():
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    lib = ctypes.CDLL(name) if name else None
+    return lib if lib is not None and hasattr(lib, "madvise") else None
+
+
+def madvise(address: int, size: int, advice: int) -> bool:
+    """The C library's ``madvise`` on the pages of [address, address + size) (address
+    page-aligned); False where there is none or the kernel refuses the advice (not Linux,
+    MADV_PAGEOUT before Linux 5.4, transparent huge pages off)."""
+    lib = _libc()
+    return lib is not None and lib.madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), advice) == 0
+
+
 if __name__ == "__main__":  # python -m tasc.accel.native: build every kernel (container images do)
     for kernel in FLAGS:
         print(kernel, build(kernel) or "not built: no C compiler")

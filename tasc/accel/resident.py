@@ -19,13 +19,10 @@ re-quantisation after a change. So:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import mmap
 
+from tasc.accel.native import MADV_PAGEOUT, madvise
 from tasc.accel.quantized import current_weight, layer_linears, unsupported
-
-MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)
 
 
 def mapped_weights(model, weights: str, gguf) -> set[int]:
@@ -84,10 +81,9 @@ def page_out(model, spans: list[tuple[int, int]]) -> int:
                 blocks.append(w._blocks)
     ranges = _file_ranges()
     spans = [s for s in [*spans, *file_spans(blocks)] if any(lo <= s[0] and s[1] <= hi for lo, hi in ranges)]
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     total = 0
     for start, end in spans:
-        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT):
-            return total  # EINVAL: a kernel without MADV_PAGEOUT
+        if not madvise(start, end - start, MADV_PAGEOUT):
+            return total  # a kernel without MADV_PAGEOUT
         total += end - start
     return total
