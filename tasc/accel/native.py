@@ -112,6 +112,14 @@ def madvise(address: int, size: int, advice: int) -> bool:
     return lib is not None and lib.madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), advice) == 0
 
 
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere): buffers freed in the middle of the heap otherwise stay resident."""
+    lib = _libc()
+    if lib is not None and hasattr(lib, "malloc_trim"):
+        lib.malloc_trim(ctypes.c_size_t(0))
+
+
 if __name__ == "__main__":  # python -m tasc.accel.native: build every kernel (container images do)
     for kernel in FLAGS:
         print(kernel, build(kernel) or "not built: no C compiler")

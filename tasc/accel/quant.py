@@ -126,7 +126,10 @@ def pack_together(weights: Sequence[QuantWeight]) -> None:
     """Move the kernel layouts of ``weights`` (built where they were not yet; the layouts of a
     concat's parts follow it) into one buffer, aligned to transparent huge pages and advised for
     them. Why: a decode step streams every layout once, and on 4 KB pages it misses the TLB on
-    each of them (about 24,000 for the shipped model), on 2 MB pages on about 50."""
+    each of them (about 24,000 for the shipped model), on 2 MB pages on about 50.
+    ``TASC_HUGE_PAGES=0`` leaves the layouts where they are."""
+    if os.environ.get("TASC_HUGE_PAGES", "1") == "0":
+        return
     unique = list({id(w): w for w in weights}.values())
     layouts = [w.packed() for w in unique]
     size = sum(_round_up(q.nbytes, 64) + _round_up(s.nbytes, 64) for q, s in layouts)
@@ -143,6 +146,8 @@ def pack_together(weights: Sequence[QuantWeight]) -> None:
         at += _round_up(s.nbytes, 64)
         qs[:], sc[:] = q, s
         w._place(qs, sc)
+    layouts = q = s = None  # the old buffers go now: the heap trim below gives their pages back
+    native.trim_heap()
 
 
 def _round_up(n: int, m: int) -> int:
