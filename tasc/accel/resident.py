@@ -68,10 +68,11 @@ def file_spans(arrays) -> list[tuple[int, int]]:
 
 
 def page_out(model, spans: list[tuple[int, int]]) -> int:
-    """After quantisation: hand back the file pages of ``spans`` (from :func:`file_spans` of the
-    parameters before loading copied some: copying read them) and of the GGUF blocks the kernel
-    layouts were packed from (built now where they were not yet). Spans no longer in a file
-    mapping are left alone. Returns the bytes handed back (0 where the call is missing)."""
+    """After quantisation: hand back the file pages of ``spans`` and of the GGUF blocks the
+    kernel layouts were packed from (built now where they were not yet). ``spans`` is
+    :func:`file_spans` of the parameters, taken before loading copied the ones it keeps (the
+    copy read their pages). Spans no longer in a file mapping are left alone. Returns the bytes
+    handed back (0 where the call is missing)."""
     blocks = []
     for module in model.modules():
         if "_tasc_quant" in module.__dict__:
