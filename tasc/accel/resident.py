@@ -8,9 +8,10 @@ re-quantisation after a change. So:
 - :func:`mapped_weights` names the fp32 parameters that loading leaves memory-mapped
   (copy-on-write) from the model's safetensors file instead of copying them: the layers'
   linears and the head, and the embedding too where the folder is a GGUF conversion
-  (tasc.models.convert_gguf), which tasc replaces only by renaming. As with llama.cpp's
-  memory-mapped GGUF files, overwriting a model folder in place under a process that serves it
-  is not supported.
+  (tasc.models.convert_gguf). As with llama.cpp's memory-mapped GGUF files, overwriting a
+  model folder in place under a process that serves it is not supported; tasc itself writes
+  every model folder (conversions, fine-tunes, vocabulary rounds) by renaming a finished
+  temporary one.
 - :func:`page_out` hands back the file pages that loading read and decoding will not: the
   fp32 values quantised at load, and the GGUF blocks once packed. The kernel reads them again
   from the file if ever needed. Without ``MADV_PAGEOUT`` (not Linux, or Linux before 5.4)
