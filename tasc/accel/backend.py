@@ -166,17 +166,12 @@ class Steps:
         self.passes += 1
         if self.lean is not None:
             ids = self._begin(list(ids), keep)
-            fused = _argmax_fused(self.lean, self.head, [(ids, self.cache, keep)])
-            if fused is None:
-                hidden = self.lean.forward(ids, self.cache)[-keep:]
+            out = _argmax_batch(self.lean, self.head, [(self, ids, keep)])[0]
             self._end()
-            if fused is not None:
-                return fused[0]
-        else:
-            x = torch.as_tensor([list(ids)], dtype=torch.long, device=self.model.device)
-            out = self.model.base_model(input_ids=x, use_cache=True, **{self.backend.base_cache_kw: self.cache})
-            hidden = out.last_hidden_state[0, -keep:]
-        return self.head(hidden.numpy()).tolist()
+            return out
+        x = torch.as_tensor([list(ids)], dtype=torch.long, device=self.model.device)
+        out = self.model.base_model(input_ids=x, use_cache=True, **{self.backend.base_cache_kw: self.cache})
+        return self.head(out.last_hidden_state[0, -keep:].numpy()).tolist()
 
     def _begin(self, ids: list[int], keep: int) -> list[int]:
         """The ids a pass must still compute: on an empty cache (a prompt) with a prefix store,
@@ -228,7 +223,9 @@ def argmax_together(batch: Sequence[tuple[Steps, Sequence[int], int]]) -> list[l
 
 
 def _argmax_batch(lean: LeanDecoder, head, batch) -> list[list[int]]:
-    """The pass of :func:`argmax_together` over (steps, ids, keep) with ids as list."""
+    """The greedy pass of :meth:`Steps.argmax` and :func:`argmax_together` over (steps, ids,
+    keep) with ids as lists: the fused step's argmax where it runs, else the lean forward and
+    the head."""
     fused = _argmax_fused(lean, head, [(ids, steps.cache, keep) for steps, ids, keep in batch])
     if fused is not None:
         return fused

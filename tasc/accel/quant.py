@@ -160,8 +160,14 @@ def _roundf(v: np.ndarray) -> np.ndarray:  # C roundf (half away from zero), as 
     return np.sign(v) * (floor + np.floor(2 * (a - floor)))
 
 
+def _check_format(fmt: str) -> None:
+    if fmt not in TYPES:
+        raise ValueError(f"unsupported block format {fmt!r}: expected one of {', '.join(TYPES)}")
+
+
 def quantize_blocks(blocks: np.ndarray, fmt: str) -> np.ndarray:
     """float32 (n, 32) -> uint8 (n, TYPE_SIZE[fmt]): the bytes of gguf.quants.quantize."""
+    _check_format(fmt)
     if fmt == "Q8_0":
         d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
         with np.errstate(divide="ignore"):
@@ -175,15 +181,13 @@ def quantize_blocks(blocks: np.ndarray, fmt: str) -> np.ndarray:
             inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
         q = np.trunc(blocks * inv + np.float32(8.5)).astype(np.uint8).clip(0, 15)
         head = [d.astype(np.float16).view(np.uint8)]
-    elif fmt == "Q4_1":
+    else:  # Q4_1
         lo, hi = blocks.min(axis=1, keepdims=True), blocks.max(axis=1, keepdims=True)
         d = (hi - lo) / np.float32(15)
         with np.errstate(divide="ignore"):
             inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
         q = np.trunc((blocks - lo) * inv + np.float32(0.5)).astype(np.uint8).clip(0, 15)
         head = [d.astype(np.float16).view(np.uint8), lo.astype(np.float16).view(np.uint8)]
-    else:
-        raise ValueError(f"unsupported block format {fmt!r}: expected one of {', '.join(TYPES)}")
     return np.concatenate([*head, q[:, :16] | (q[:, 16:] << np.uint8(4))], axis=1)
 
 
@@ -199,8 +203,7 @@ class QuantWeight:
     GGUF bytes row by row (row = output feature). Multiplies as a linear layer, y = x @ W.T."""
 
     def __init__(self, blocks: np.ndarray, fmt: str, k: int):
-        if fmt not in TYPES:
-            raise ValueError(f"unsupported block format {fmt!r}: expected one of {', '.join(TYPES)}")
+        _check_format(fmt)
         if k <= 0 or k % BLOCK:
             raise ValueError(f"K = {k} is not a positive multiple of {BLOCK} (the {fmt} block)")
         blocks = np.asarray(blocks)
@@ -237,8 +240,7 @@ class QuantWeight:
         w = np.asarray(weight, dtype=np.float32)
         if w.ndim != 2 or w.shape[1] % BLOCK or w.shape[1] == 0:
             raise ValueError(f"weight shape {w.shape}: (N, K) with K a positive multiple of {BLOCK} expected")
-        if fmt not in TYPES:
-            raise ValueError(f"unsupported block format {fmt!r}: expected one of {', '.join(TYPES)}")
+        _check_format(fmt)
         n, k = w.shape
         out = np.empty((n, k // BLOCK * TYPE_SIZE[fmt]), dtype=np.uint8)
         step = max(1, (1 << 20) // k)  # rows at a time: the temporaries stay a few MB, not the weight's size

@@ -56,16 +56,27 @@ def _file_ranges() -> list[tuple[int, int]]:
     return out
 
 
-def file_spans(arrays) -> list[tuple[int, int]]:
-    """(start, end) of the whole pages inside each of ``arrays`` (torch tensors or numpy
-    arrays) that lie in a file mapping."""
-    ranges, page, out = _file_ranges(), mmap.PAGESIZE, []
+def _whole_pages(arrays) -> list[tuple[int, int]]:
+    """(start, end) of the whole pages inside each of ``arrays`` (torch tensors or numpy arrays)."""
+    page, out = mmap.PAGESIZE, []
     for a in arrays:
         at, size = (a.data_ptr(), a.numel() * a.element_size()) if hasattr(a, "data_ptr") else (a.ctypes.data, a.nbytes)
         start, end = -(-at // page) * page, (at + size) // page * page
-        if end > start and any(lo <= start and end <= hi for lo, hi in ranges):
+        if end > start:
             out.append((start, end))
     return out
+
+
+def _in_files(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The spans that lie in a file mapping now."""
+    ranges = _file_ranges()
+    return [(s, e) for s, e in spans if any(lo <= s and e <= hi for lo, hi in ranges)]
+
+
+def file_spans(arrays) -> list[tuple[int, int]]:
+    """(start, end) of the whole pages inside each of ``arrays`` (torch tensors or numpy
+    arrays) that lie in a file mapping."""
+    return _in_files(_whole_pages(arrays))
 
 
 def page_out(model, spans: list[tuple[int, int]]) -> int:
@@ -81,10 +92,8 @@ def page_out(model, spans: list[tuple[int, int]]) -> int:
             w.packed()
             if w._parts is None:
                 blocks.append(w._blocks)
-    ranges = _file_ranges()
-    spans = [s for s in [*spans, *file_spans(blocks)] if any(lo <= s[0] and s[1] <= hi for lo, hi in ranges)]
     total = 0
-    for start, end in spans:
+    for start, end in _in_files([*spans, *_whole_pages(blocks)]):
         if not madvise(start, end - start, MADV_PAGEOUT):
             return total  # a kernel without MADV_PAGEOUT
         total += end - start
