@@ -299,6 +299,9 @@ def load_model(
             f"{model.get_input_embeddings().weight.shape[0]} embedding rows; they do not belong together"
         )
     model.to(device).eval()
+    from tasc.accel.backend import Backend
+    from tasc.accel.resident import file_spans, mapped_weights, page_out, release
+
     # Weights that decoding does not read stay mapped; spans: file pages to hand back once
     # quantised (tasc.accel.resident).
     mapped: set[int] = set()
@@ -307,25 +310,21 @@ def load_model(
         # Weights loaded unconverted stay memory-mapped from the safetensors file, and the
         # kernel may drop such pages under memory pressure; a private copy stays resident.
         if weights in QUANTISED and kernels == "auto":
-            from tasc.accel.resident import file_spans, mapped_weights
-
             mapped = mapped_weights(model, weights, gguf)
             spans = file_spans(list(model.parameters())) if mapped else []
         with torch.no_grad():
             for p in model.parameters():
                 if id(p) not in mapped:
                     p.data = p.data.clone()
-    from tasc.accel.backend import Backend
-
     if kernels == "auto" and device == "cpu" and torch_dtype == torch.float32:
+        page_out(spans)  # what the copies read
         try:
-            backend = Backend.accelerated(model, weights if weights in QUANTISED else "float32", gguf)
+            backend = Backend.accelerated(model, weights if weights in QUANTISED else "float32", gguf,
+                                          release if mapped else None)
         except ValueError as e:  # a GGUF file that does not match the model, named by the message
             raise ModelError(str(e)) from e
         if mapped and backend.quant_label is not None:
-            from tasc.accel.resident import page_out
-
-            page_out(model, spans)
+            page_out(spans)
     else:
         backend = Backend.for_model(model)
     applied = backend.quant_label or ("float32" if torch_dtype == torch.float32 else weights)

@@ -55,6 +55,21 @@ def test_bytes_and_values_are_those_of_gguf(fmt):
     assert np.array_equal(QuantWeight.quantize(torch.from_numpy(w), fmt).blocks, q.blocks)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n", [50, 64])
+def test_the_layout_replaces_the_blocks_and_gives_them_back(fmt, n):
+    """Once packed a weight holds its bytes once, in the kernel's layout (padded to whole
+    column groups where n is not one), and reads the GGUF blocks back from it unchanged."""
+    w, q = weights(fmt, n=n)
+    blocks = q.blocks.copy()
+    out = q.matmul(activations())
+    assert q._blocks is None and q._packed is not None
+    assert np.array_equal(q.blocks, blocks)
+    assert np.array_equal(q.dequantize(), gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[fmt]))
+    assert np.array_equal(q.take_rows(slice(2, 9)).blocks, blocks[2:9])
+    assert np.array_equal(q.matmul(activations()), out)
+
+
 def test_tensors_of_the_shipped_gguf_are_read_as_stored():
     try:
         path = gguf_file(DEFAULT_MODEL)  # SmolLM2-135M-Instruct, Q4_1 layers and a Q8_0 head

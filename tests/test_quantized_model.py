@@ -56,8 +56,13 @@ def test_gguf_blocks_run_as_stored_with_q_and_k_rows_in_model_order(tiny_model_d
     _write_gguf(fp32.model, path, skip_type_for="blk.1.ffn_down.weight")
     ref = load_model(str(tiny_model_dir), dtype="q8_0", device="cpu", kernels="auto")
     model = load_model(str(tiny_model_dir), dtype="float32", device="cpu").model
-    label = quantize_model(model, "gguf", path)
+    released = []
+    label = quantize_model(model, "gguf", path, release=released.append)
     assert label == "gguf Q8_0, head Q8_0"
+    # Each fp32 weight is released once quantised (loading hands its file pages back then).
+    linears = [m.weight for m in model.modules() if "_tasc_quant" in m.__dict__]
+    assert sorted(map(id, released)) == sorted(map(id, linears))
+    assert len(released) == 7 * len(model.model.layers) + 1
     assert "blk.1.ffn_down.weight: F16 is not a kernel format; quantised to Q8_0" in capsys.readouterr().err
     for mine, theirs in zip(model.model.layers, ref.model.model.layers, strict=True):
         for name in ("q_proj", "k_proj", "down_proj"):
@@ -117,6 +122,8 @@ def test_fp32_weights_that_decoding_does_not_read_stay_mapped(tiny_model_dir, tm
     assert _mapped_file(base.layers[1].self_attn.q_proj.weight) == str(file)
     assert _mapped_file(base.embed_tokens.weight) == (str(file) if weights == "gguf" else None)
     assert _mapped_file(base.layers[0].input_layernorm.weight) is None  # read every step: copied
+    with open("/proc/self/maps") as f:  # packed, the GGUF blocks let the file go
+        assert str(gguf_path) not in f.read()
 
     ref = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     for p in ref.model.parameters():

@@ -18,7 +18,7 @@ passed around.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -70,16 +70,18 @@ class Backend:
         return attached if attached is not None else cls(model)
 
     @classmethod
-    def accelerated(cls, model, weights: str = "float32", gguf: Path | None = None) -> Backend:
+    def accelerated(cls, model, weights: str = "float32", gguf: Path | None = None,
+                    release: Callable[[torch.Tensor], object] | None = None) -> Backend:
         """Apply the CPU speed-ups that fit ``model`` and attach the backend that runs them; its
         ``kernels`` names what applied ("torch" when nothing did).
 
         weights: "float32" packs the fp32 linears and adds the exact int8-screened argmax head;
         a quantised format (tasc.accel.quantized.WEIGHTS: "gguf" for the blocks of the file
         ``gguf``, or "q8_0", "q4_0", "q4_1") puts the linears and the LM head on the quantised
-        kernel. Both then get grouped attention and the lean decoder forward."""
+        kernel. Both then get grouped attention and the lean decoder forward. ``release``: called
+        with each fp32 weight once quantised (see :func:`quantize_model`)."""
         parts, head = [], None
-        label = quantize_model(model, weights, gguf) if weights != "float32" else None
+        label = quantize_model(model, weights, gguf, release) if weights != "float32" else None
         if label is not None:
             parts.append(f"quant[{label}; {quant.isa()}]")
             head = make_quant_head(model)

@@ -200,7 +200,12 @@ def unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
 
 class QuantWeight:
     """A weight W (n, k) in a GGUF block format: ``blocks`` (n, k/32 * TYPE_SIZE) uint8, the
-    GGUF bytes row by row (row = output feature). Multiplies as a linear layer, y = x @ W.T."""
+    GGUF bytes row by row (row = output feature). Multiplies as a linear layer, y = x @ W.T.
+
+    It holds its bytes once: as the GGUF blocks until the kernel layout is built (the first
+    product, or :meth:`packed`), then as the layout only, which holds the same bytes in another
+    order; ``blocks`` reads them back from it. So a model quantised at load keeps no second copy,
+    and a GGUF file's blocks are not kept mapped once packed."""
 
     def __init__(self, blocks: np.ndarray, fmt: str, k: int):
         _check_format(fmt)
@@ -217,8 +222,11 @@ class QuantWeight:
 
     @property
     def blocks(self) -> np.ndarray:
-        """The GGUF bytes, (n, k/32 * TYPE_SIZE) uint8 (a concat's: gathered from its parts)."""
-        return self._blocks if self._parts is None else np.concatenate([p.blocks for p in self._parts])
+        """The GGUF bytes, (n, k/32 * TYPE_SIZE) uint8 (a concat's: gathered from its parts;
+        once packed: read back from the layout)."""
+        if self._parts is not None:
+            return np.concatenate([p.blocks for p in self._parts])
+        return self._blocks if self._blocks is not None else self._unpacked()
 
     @classmethod
     def from_gguf(cls, tensor) -> QuantWeight:
@@ -321,8 +329,17 @@ class QuantWeight:
             q_out, s_out = _aligned(qs.size), _aligned(sc.size * 2).view(np.uint16)
             q_out.reshape(groups, nb, -1, GROUP, 4)[:] = qs.transpose(0, 2, 3, 1, 4)
             s_out.reshape(sc.shape)[:] = sc
-            self._packed = q_out, s_out
+            self._packed, self._blocks = (q_out, s_out), None
         return self._packed
+
+    def _unpacked(self) -> np.ndarray:
+        """The GGUF bytes read back from the layout (the inverse of :meth:`packed`)."""
+        q_out, s_out = self._packed
+        groups, nb, n_scales = -(-self.n // GROUP), self.k // BLOCK, 2 if self.fmt == "Q4_1" else 1
+        qs = q_out.reshape(groups, nb, -1, GROUP, 4).transpose(0, 3, 1, 2, 4).reshape(groups * GROUP, nb, -1)
+        sc = s_out.reshape(groups, nb, n_scales, GROUP).transpose(0, 3, 1, 2).reshape(groups * GROUP, nb, n_scales)
+        out = np.concatenate([np.ascontiguousarray(sc[: self.n]).view(np.uint8), qs[: self.n]], axis=2)
+        return out.reshape(self.n, -1)
 
     def _place(self, qs: np.ndarray, sc: np.ndarray) -> None:
         """Take ``qs`` and ``sc``, holding a copy of this weight's layout, as the layout; a

@@ -82,7 +82,9 @@ def _quant_forward(self, x):
 
 
 def attach(module, weight: quant.QuantWeight) -> None:
-    """Route ``module`` (an nn.Linear) through ``weight`` for inference."""
+    """Route ``module`` (an nn.Linear) through ``weight`` for inference. The kernel layout is
+    built now, so that the weight's blocks go before the next weight's are made."""
+    weight.packed()
     module._tasc_quant, module._tasc_quant_stamp = weight, weight_stamp(module.weight)
     module.forward = types.MethodType(_quant_forward, module)
 
@@ -139,11 +141,13 @@ def _gguf_weight(tensors: dict, name: str, module, config, notices: list[str]) -
     return w
 
 
-def quantize_model(model, weights: str, gguf: Path | None = None) -> str | None:
+def quantize_model(model, weights: str, gguf: Path | None = None, release=None) -> str | None:
     """Put the layer linears and the LM head of ``model`` on quantised weights (see module doc);
     returns a label for reports (e.g. "gguf Q4_1, head Q8_0", "q8_0") or None where
     :func:`unsupported` names a reason. Raises ValueError for a GGUF file that does not match
-    the model, naming the file and tensor."""
+    the model, naming the file and tensor. ``release``, where given, is called with each
+    module's fp32 weight once its quantised copy is made (tasc.models hands back the weight's
+    file pages then, so that loading never holds the whole fp32 file)."""
     if unsupported(model, weights, gguf) is not None:
         return None
     config, head = model.config, model.get_output_embeddings()
@@ -167,9 +171,10 @@ def quantize_model(model, weights: str, gguf: Path | None = None) -> str | None:
             return quant.QuantWeight.quantize(module.weight, fmt)
 
         head_name = "lm_head"
-    for name, module in layer_linears(model):
+    for name, module in [*layer_linears(model), (head_name, head)]:
         attach(module, make(name, module))
-    attach(head, make(head_name, head))
+        if release is not None:
+            release(module.weight)
     for line in notices:
         print(f"notice: {gguf}: {line}", file=sys.stderr)
     formats = sorted({m._tasc_quant.fmt for m in model.modules() if "_tasc_quant" in m.__dict__ and m is not head})

@@ -12,9 +12,10 @@ re-quantisation after a change. So:
   model folder in place under a process that serves it is not supported; tasc itself writes
   every model folder (conversions, fine-tunes, vocabulary rounds) by renaming a finished
   temporary one.
-- :func:`page_out` hands back the file pages that loading read and decoding will not: the
-  fp32 values quantised at load, and the GGUF blocks once packed. The kernel reads them again
-  from the file if ever needed. Without ``MADV_PAGEOUT`` (not Linux, or Linux before 5.4)
+- :func:`page_out` hands back the file pages that loading read and decoding will not: those
+  a copy read, and (:func:`release`) each fp32 weight's once it is quantised, so that loading
+  holds one weight's pages at a time, not the whole file. The kernel reads them again from the
+  file if ever needed. Without ``MADV_PAGEOUT`` (not Linux, or Linux before 5.4)
   nothing is handed back; the pages then go first when memory runs short.
 """
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import mmap
 
 from tasc.accel.native import MADV_PAGEOUT, madvise
-from tasc.accel.quantized import current_weight, layer_linears, unsupported
+from tasc.accel.quantized import layer_linears, unsupported
 
 
 def mapped_weights(model, weights: str, gguf) -> set[int]:
@@ -79,22 +80,20 @@ def file_spans(arrays) -> list[tuple[int, int]]:
     return _in_files(_whole_pages(arrays))
 
 
-def page_out(model, spans: list[tuple[int, int]]) -> int:
-    """After quantisation: hand back the file pages of ``spans`` and of the GGUF blocks the
-    kernel layouts were packed from (built now where they were not yet). ``spans`` is
-    :func:`file_spans` of the parameters, taken before loading copied the ones it keeps (the
-    copy read their pages). Spans no longer in a file mapping are left alone. Returns the bytes
-    handed back (0 where the call is missing)."""
-    blocks = []
-    for module in model.modules():
-        if "_tasc_quant" in module.__dict__:
-            w = current_weight(module)
-            w.packed()
-            if w._parts is None:
-                blocks.append(w._blocks)
+def page_out(spans: list[tuple[int, int]]) -> int:
+    """After quantisation: hand back the file pages of ``spans``, :func:`file_spans` of the
+    parameters taken before loading copied the ones it keeps (the copy read their pages). Spans
+    no longer in a file mapping are left alone. (A GGUF file's blocks need nothing: once packed,
+    a weight lets them go, and the file's mapping with them.) Returns the bytes handed back (0
+    where the call is missing)."""
     total = 0
-    for start, end in _in_files([*spans, *_whole_pages(blocks)]):
+    for start, end in _in_files(spans):
         if not madvise(start, end - start, MADV_PAGEOUT):
             return total  # a kernel without MADV_PAGEOUT
         total += end - start
     return total
+
+
+def release(weight) -> int:
+    """Hand back the file pages of one weight (a tensor or array) once it is quantised."""
+    return page_out(file_spans([weight]))
