@@ -99,8 +99,7 @@ def _mapped_file(t: torch.Tensor) -> str | None:
 @pytest.mark.parametrize("weights", ["gguf", "q8_0"])
 def test_fp32_weights_that_decoding_does_not_read_stay_mapped(tiny_model_dir, tmp_path, weights):
     """A model decoded on quantised weights leaves its fp32 linears mapped from the folder's
-    safetensors file (copy-on-write), not copied into memory; the embedding too where the
-    folder is a GGUF conversion. Its weights read back as loaded after their pages were handed
+    safetensors file (copy-on-write), not copied into memory, and its embedding. Its weights read back as loaded after their pages were handed
     back, and it decodes the same as a fully copied model. A weight changed in place changes
     the outputs and leaves the file as it was."""
     import hashlib
@@ -120,7 +119,7 @@ def test_fp32_weights_that_decoding_does_not_read_stay_mapped(tiny_model_dir, tm
     base = lm.model.model
     assert _mapped_file(base.layers[0].mlp.down_proj.weight) == str(file)
     assert _mapped_file(base.layers[1].self_attn.q_proj.weight) == str(file)
-    assert _mapped_file(base.embed_tokens.weight) == (str(file) if weights == "gguf" else None)
+    assert _mapped_file(base.embed_tokens.weight) == str(file)
     assert _mapped_file(base.layers[0].input_layernorm.weight) is None  # read every step: copied
     with open("/proc/self/maps") as f:  # packed, the GGUF blocks let the file go
         assert str(gguf_path) not in f.read()

@@ -7,11 +7,10 @@ re-quantisation after a change. So:
 
 - :func:`mapped_weights` names the fp32 parameters that loading leaves memory-mapped
   (copy-on-write) from the model's safetensors file instead of copying them: the layers'
-  linears and the head, and the embedding too where the folder is a GGUF conversion
-  (tasc.models.convert_gguf). As with llama.cpp's memory-mapped GGUF files, overwriting a
-  model folder in place under a process that serves it is not supported; tasc itself writes
-  every model folder (conversions, fine-tunes, vocabulary rounds) by renaming a finished
-  temporary one.
+  linears, the head and the embedding (of which a step reads only its tokens' rows). As with
+  llama.cpp's memory-mapped GGUF files, overwriting a model folder in place under a process
+  that serves it is not supported; tasc itself writes every model folder (conversions,
+  fine-tunes, vocabulary rounds) by renaming a finished temporary one.
 - :func:`page_out` hands back the file pages that loading read and decoding will not: those
   a copy read, and (:func:`release`) each fp32 weight's once it is quantised, so that loading
   holds one weight's pages at a time, not the whole file. The kernel reads them again from the
@@ -32,13 +31,8 @@ def mapped_weights(model, weights: str, gguf) -> set[int]:
     format of tasc.accel.quantized.WEIGHTS; anything else: none)."""
     if unsupported(model, weights, gguf) is not None:
         return set()
-    mapped = {id(m.weight) for m in (model.get_output_embeddings(), *(m for _, m in layer_linears(model)))}
-    embedding = model.get_input_embeddings().weight
-    if weights == "gguf":
-        mapped.add(id(embedding))
-    else:
-        mapped.discard(id(embedding))  # read every step; a tied head shares it
-    return mapped
+    modules = (model.get_input_embeddings(), model.get_output_embeddings(), *(m for _, m in layer_linears(model)))
+    return {id(m.weight) for m in modules}
 
 
 def _file_ranges() -> list[tuple[int, int]]:
