@@ -59,10 +59,13 @@ def test_gguf_blocks_run_as_stored_with_q_and_k_rows_in_model_order(tiny_model_d
     released = []
     label = quantize_model(model, "gguf", path, release=released.append)
     assert label == "gguf Q8_0, head Q8_0"
-    # Each fp32 weight is released once quantised (loading hands its file pages back then).
+    # Each fp32 weight, and the GGUF bytes of each, are released once quantised (loading hands
+    # their file pages back then).
     linears = [m.weight for m in model.modules() if "_tasc_quant" in m.__dict__]
-    assert sorted(map(id, released)) == sorted(map(id, linears))
-    assert len(released) == 7 * len(model.model.layers) + 1
+    assert len(linears) == 7 * len(model.model.layers) + 1
+    assert sorted(id(t) for t in released if isinstance(t, torch.Tensor)) == sorted(map(id, linears))
+    blocks = [a for a in released if isinstance(a, np.ndarray)]
+    assert len(blocks) == len(linears) and all(a.dtype == np.uint8 and not a.flags.writeable for a in blocks)
     assert "blk.1.ffn_down.weight: F16 is not a kernel format; quantised to Q8_0" in capsys.readouterr().err
     for mine, theirs in zip(model.model.layers, ref.model.model.layers, strict=True):
         for name in ("q_proj", "k_proj", "down_proj"):

@@ -126,28 +126,29 @@ def pack_together(weights: Sequence[QuantWeight]) -> None:
     """Move the kernel layouts of ``weights`` (built where they were not yet; the layouts of a
     concat's parts follow it) into one buffer, aligned to transparent huge pages and advised for
     them. Why: a decode step streams every layout once, and on 4 KB pages it misses the TLB on
-    each of them (about 24,000 for the shipped model), on 2 MB pages on about 50.
-    ``TASC_HUGE_PAGES=0`` leaves the layouts where they are."""
+    each of them (about 24,000 for the shipped model), on 2 MB pages on about 50. The layouts
+    move one at a time, each old one given back before the next moves, so the move holds one
+    layout twice, not the model. ``TASC_HUGE_PAGES=0`` leaves the layouts where they are."""
     if os.environ.get("TASC_HUGE_PAGES", "1") == "0":
         return
     unique = list({id(w): w for w in weights}.values())
-    layouts = [w.packed() for w in unique]
-    size = sum(_round_up(q.nbytes, 64) + _round_up(s.nbytes, 64) for q, s in layouts)
+    size = sum(_round_up(q.nbytes, 64) + _round_up(s.nbytes, 64) for q, s in map(QuantWeight.packed, unique))
     span = _round_up(size, HUGE)
-    raw = np.empty(span + HUGE, dtype=np.uint8)
+    raw = np.empty(span + HUGE, dtype=np.uint8)  # pages are taken as the copies touch them
     start = -raw.ctypes.data % HUGE
     buf = raw[start : start + span]
     native.madvise(buf.ctypes.data, span, native.MADV_HUGEPAGE)  # before the copy touches it
     at = 0
-    for w, (q, s) in zip(unique, layouts, strict=True):
+    for w in unique:
+        q, s = w.packed()
         qs = buf[at : at + q.nbytes]
         at += _round_up(q.nbytes, 64)
         sc = buf[at : at + s.nbytes].view(np.uint16)
         at += _round_up(s.nbytes, 64)
         qs[:], sc[:] = q, s
         w._place(qs, sc)
-    layouts = q = s = None  # the old buffers go now: the heap trim below gives their pages back
-    native.trim_heap()
+        q = s = None  # the last reference to the old layout
+        native.trim_heap()  # its pages back to the system (free alone keeps them in the heap)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -230,8 +231,8 @@ class QuantWeight:
 
     @classmethod
     def from_gguf(cls, tensor) -> QuantWeight:
-        """From a ``gguf.GGUFReader`` tensor, its bytes as stored (GGUF's shape is (K, N):
-        N rows of K/32 blocks)."""
+        """From a GGUF tensor (tasc.accel.gguf_index or ``gguf.GGUFReader``), its bytes as
+        stored (GGUF's shape is (K, N): N rows of K/32 blocks)."""
         fmt = tensor.tensor_type.name
         if fmt not in TYPES:
             raise ValueError(f"{tensor.name}: tensor type {fmt} is not supported (only {', '.join(TYPES)})")
@@ -321,14 +322,20 @@ class QuantWeight:
         scales (groups, k/32, [2,] 16), 16 columns a group, zero-padded; built once."""
         if self._packed is None:
             *scales, qs = self._fields()
-            groups, nb = -(-self.n // GROUP), self.k // BLOCK
-            pad = groups * GROUP - self.n
-            qs = np.pad(qs, ((0, pad), (0, 0), (0, 0))).reshape(groups, GROUP, nb, -1, 4)
-            sc = np.stack([np.pad(s.view(np.uint16), ((0, pad), (0, 0))) for s in scales], axis=1)
-            sc = sc.reshape(groups, GROUP, len(scales), nb).transpose(0, 3, 2, 1)
-            q_out, s_out = _aligned(qs.size), _aligned(sc.size * 2).view(np.uint16)
-            q_out.reshape(groups, nb, -1, GROUP, 4)[:] = qs.transpose(0, 2, 3, 1, 4)
-            s_out.reshape(sc.shape)[:] = sc
+            groups, nb, n_scales = -(-self.n // GROUP), self.k // BLOCK, len(scales)
+            q_out = _aligned(groups * GROUP * qs.shape[1] * qs.shape[2])
+            s_out = _aligned(groups * GROUP * nb * n_scales * 2).view(np.uint16)
+            q_groups = q_out.reshape(groups, nb, -1, GROUP, 4)
+            s_groups = s_out.reshape(groups, nb, n_scales, GROUP)
+            step = max(1, (1 << 22) // (GROUP * qs.shape[1] * qs.shape[2]))  # groups at a time: few MB of temporaries
+            for g in range(0, groups, step):
+                rows = slice(g * GROUP, min(self.n, (g + step) * GROUP))
+                count = min(step, groups - g)
+                pad = ((0, count * GROUP - (rows.stop - rows.start)), (0, 0), (0, 0))
+                q = np.pad(qs[rows], pad).reshape(count, GROUP, nb, -1, 4)
+                sc = np.pad(np.stack([s[rows].view(np.uint16) for s in scales], axis=2), pad)
+                q_groups[g : g + count] = q.transpose(0, 2, 3, 1, 4)
+                s_groups[g : g + count] = sc.reshape(count, GROUP, nb, n_scales).transpose(0, 2, 3, 1)
             self._packed, self._blocks = (q_out, s_out), None
         return self._packed
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from tasc.accel import quant
+from tasc.accel.gguf_index import read_tensors
 from tasc.accel.packed import LONG, weight_stamp
 
 WEIGHTS = ("gguf", "q8_0", "q4_0", "q4_1")
@@ -146,19 +147,15 @@ def quantize_model(model, weights: str, gguf: Path | None = None, release=None) 
     returns a label for reports (e.g. "gguf Q4_1, head Q8_0", "q8_0") or None where
     :func:`unsupported` names a reason. Raises ValueError for a GGUF file that does not match
     the model, naming the file and tensor. ``release``, where given, is called with each
-    module's fp32 weight once its quantised copy is made (tasc.models hands back the weight's
-    file pages then, so that loading never holds the whole fp32 file)."""
+    module's fp32 weight once its quantised copy is made, and with the GGUF blocks it was made
+    from (tasc.models hands back their file pages then, so that loading never holds a whole
+    file)."""
     if unsupported(model, weights, gguf) is not None:
         return None
     config, head = model.config, model.get_output_embeddings()
     notices: list[str] = []
     if weights == "gguf":
-        from gguf import GGUFReader
-
-        try:
-            tensors = {t.name: t for t in GGUFReader(str(gguf)).tensors}
-        except Exception as e:  # a truncated or corrupted file: name it
-            raise ValueError(f"{gguf}: not a readable GGUF file ({e})") from e
+        tensors = read_tensors(gguf)  # a truncated or corrupted file fails naming it
 
         def make(name, module):
             return _gguf_weight(tensors, name, module, config, notices)
@@ -175,6 +172,8 @@ def quantize_model(model, weights: str, gguf: Path | None = None, release=None) 
         attach(module, make(name, module))
         if release is not None:
             release(module.weight)
+            if weights == "gguf" and name in tensors:
+                release(tensors[name].data)  # the blocks just packed
     for line in notices:
         print(f"notice: {gguf}: {line}", file=sys.stderr)
     formats = sorted({m._tasc_quant.fmt for m in model.modules() if "_tasc_quant" in m.__dict__ and m is not head})
