@@ -56,11 +56,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--isa", default=None, help="force a kernel variant (default: the probed best)")
     args = ap.parse_args()
-    from tasc.accel import packed, quant
+    from tasc.accel import packed, quant, variants
     from tasc.models import DEFAULT_MODEL, gguf_file
 
-    chosen = quant.isa(args.isa)
-    others = [name for name in quant.ISAS if name not in (chosen, "ref") and quant.probe(name)]
+    chosen = variants.isa(args.isa)
+    others = [name for name in variants.ISAS if name not in (chosen, "ref") and variants.probe(name)]
     print(f"CPU: {cpu_name()}; quantised kernel variant: {chosen} (others timed: {', '.join(others) or 'none'})")
     q41, head = load_layers(gguf_file(DEFAULT_MODEL))
     q80 = [[quant.QuantWeight.quantize(w.dequantize(), "Q8_0") for w in layer] for layer in q41]

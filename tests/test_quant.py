@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from tasc.accel import quant
+from tasc.accel import quant, variants
 from tasc.accel.quant import QuantWeight
 from tasc.models import DEFAULT_MODEL, ModelError, gguf_file
 
-pytestmark = pytest.mark.skipif(not quant.available(), reason="no C compiler here")
+pytestmark = pytest.mark.skipif(not variants.available(), reason="no C compiler here")
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1")
 ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 13, 17)  # every rows-a-pass count of every variant
 
 
 @pytest.fixture(scope="module")
-def variants() -> list[str]:
+def runnable() -> list[str]:
     """Every variant this CPU runs (ref everywhere; the SIMD ones after their child probe)."""
-    found = [name for name in quant.ISAS if quant.probe(name)]
+    found = [name for name in variants.ISAS if variants.probe(name)]
     assert "ref" in found
     return found
 
@@ -93,10 +93,10 @@ def test_tensors_of_the_shipped_gguf_are_read_as_stored():
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_rows_do_not_depend_on_the_batch_or_the_threads(fmt, variants):
+def test_rows_do_not_depend_on_the_batch_or_the_threads(fmt, runnable):
     _, q = weights(fmt)
     x = activations()
-    for name in variants:
+    for name in runnable:
         full = q.matmul(x, threads=1, isa=name)
         for m in ROWS:  # one pass, partial passes, several row chunks
             assert np.array_equal(q.matmul(x[:m], threads=1, isa=name), full[:m]), (name, m)
@@ -109,11 +109,11 @@ def test_rows_do_not_depend_on_the_batch_or_the_threads(fmt, variants):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_every_variant_gives_the_portable_results_bitwise(fmt, variants):
+def test_every_variant_gives_the_portable_results_bitwise(fmt, runnable):
     _, q = weights(fmt, n=70, k=160, seed=2)
     x = activations(17, 160, seed=3)
     ref = q.matmul(x, threads=1, isa="ref")
-    for name in variants:
+    for name in runnable:
         assert np.array_equal(q.matmul(x, threads=1, isa=name), ref), name
         assert np.array_equal(q.argmax(x, threads=1, isa=name), q.argmax(x, threads=1, isa="ref")), name
 
@@ -154,18 +154,18 @@ def test_rejects_k_not_a_multiple_of_32_and_unknown_formats():
         QuantWeight.quantize(np.ones((4, 32), dtype=np.float32), "Q5_0")
     with pytest.raises(ValueError, match=r"must be \(M, 96\)"):
         weights("Q4_1")[1].matmul(np.ones((2, 64), dtype=np.float32))
-    lib = quant.library()  # the kernel checks too
+    lib = variants.library()  # the kernel checks too
     assert lib.tasc_quant_matmul(0, 8, None, 1, 40, None, None, 16, None, 1) == -1
     assert lib.tasc_quant_matmul(0, 6, None, 1, 64, None, None, 16, None, 1) == -2
 
 
 def test_variant_choice_and_the_environment(monkeypatch):
-    assert quant.isa() in quant.ISAS
+    assert variants.isa() in variants.ISAS
     monkeypatch.setenv("TASC_QUANT_ISA", "ref")
-    assert quant.isa() == "ref"
+    assert variants.isa() == "ref"
     monkeypatch.setenv("TASC_QUANT_ISA", "amx")
     with pytest.raises(ValueError, match="expected one of"):
-        quant.isa()
+        variants.isa()
 
 
 def test_row_operations_for_fused_and_permuted_weights():
@@ -203,7 +203,7 @@ def test_row_operations_for_fused_and_permuted_weights():
 
 
 @pytest.mark.parametrize("fmt", ("Q8_0", "Q4_1"))
-def test_argmax_is_the_first_largest_output(fmt, variants):
+def test_argmax_is_the_first_largest_output(fmt, runnable):
     rng = np.random.default_rng(6)
     w = rng.standard_normal((203, 64)).astype(np.float32)  # 13 column groups, the last partial
     w[150] = w[7]  # exact ties: 7 must win, across the two threads' column ranges too
@@ -211,7 +211,7 @@ def test_argmax_is_the_first_largest_output(fmt, variants):
     w[60] = w[40] * np.float32(1.0001)  # a near tie
     q = QuantWeight.quantize(w, fmt)
     x = np.vstack([w[7], w[40], w[202] * 0.5, rng.standard_normal((14, 64))]).astype(np.float32)
-    for name in variants:
+    for name in runnable:
         logits = q.matmul(x, threads=1, isa=name)
         expected = logits.argmax(axis=1)  # numpy: the first of equal maxima
         assert expected[0] == 7 and expected[2] == 7

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from tasc.accel import quant
+from tasc.accel import variants
 from tasc.accel.quantized import GGUF_NAMES, quantize_model
 from tasc.models import load_model
 
-pytestmark = pytest.mark.skipif(not quant.available(), reason="no C compiler here")
+pytestmark = pytest.mark.skipif(not variants.available(), reason="no C compiler here")
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:

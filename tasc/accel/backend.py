@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasc.accel import quant
+from tasc.accel import variants
 from tasc.accel.argmax_head import ArgmaxHead, make_argmax_head
 from tasc.accel.attention import group_attention
 from tasc.accel.lean_decoder import LeanDecoder, make_lean_decoder
@@ -83,7 +83,7 @@ class Backend:
         parts, head = [], None
         label = quantize_model(model, weights, gguf, release) if weights != "float32" else None
         if label is not None:
-            parts.append(f"quant[{label}; {quant.isa()}]")
+            parts.append(f"quant[{label}; {variants.isa()}]")
             head = make_quant_head(model)
         elif pack_linears(model):
             parts.append("packed-linear")

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from tasc.accel import quant
+from tasc.accel import quant, variants
 from tasc.accel.attention import decoder_library
 from tasc.accel.packed import weight_stamp
 from tasc.accel.quantized import current_weight
@@ -69,7 +69,7 @@ def _eps(norm) -> float | None:
 def unsupported(lean) -> str | None:
     """Why the fused step cannot run ``lean``'s layers, or None when it can."""
     cfg = lean.model.config
-    if decoder_library() is None or not quant.available() or quant.isa() is None:
+    if decoder_library() is None or not variants.available() or variants.isa() is None:
         return "no decoder kernel here"
     if getattr(cfg, "model_type", None) not in FUSED_MODELS or getattr(cfg, "hidden_act", None) != "silu":
         return "not a SiLU llama-family model"
@@ -94,13 +94,13 @@ class FusedStep:
         cfg = lean.model.config
         self.lean = lean
         self.hidden, self.ffn = cfg.hidden_size, lean.layers[0].gate_up.quant.n // 2
-        lib = quant.library()
+        lib = variants.library()
         self.model = _Model(L=len(lean.layers), D=self.hidden, H=lean.heads, Hkv=lean.kv_heads, hd=lean.head_dim,
                             F=self.ffn, eps=_eps(lean.base.norm), scale=float(lean.layers[0].attn.scaling),
                             mm=ctypes.cast(lib.tasc_quant_matmul, ctypes.c_void_p).value,
                             am=ctypes.cast(lib.tasc_quant_argmax, ctypes.c_void_p).value,
-                            isa=quant.ISAS.index(quant.isa()))
-        self.vectorised = quant.isa() != "ref"  # the portable C variant: long prompts go to BLAS
+                            isa=variants.ISAS.index(variants.isa()))
+        self.vectorised = variants.isa() != "ref"  # the portable C variant: long prompts go to BLAS
         self.stamps = None
         self.local = threading.local()  # a scratch buffer per calling thread
         rotary = lean.base.rotary_emb
@@ -264,7 +264,7 @@ class FusedStep:
         if rc == -5:
             raise IndexError(f"token id out of range: the embedding table has {m.vocab} rows, ids {ids}")
         if rc:
-            raise RuntimeError(f"decoder step: {quant.ERRORS.get(rc, rc)}")
+            raise RuntimeError(f"decoder step: {variants.ERRORS.get(rc, rc)}")
         for kv, p, k in zip(caches, pasts, counts, strict=True):
             kv.length = p + k
 

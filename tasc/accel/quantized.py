@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasc.accel import quant
+from tasc.accel import quant, variants
 from tasc.accel.gguf_index import read_tensors
 from tasc.accel.packed import LONG, weight_stamp
 
@@ -98,7 +98,7 @@ def unsupported(model, weights: str, gguf: Path | None) -> str | None:
         return f"unknown weight format {weights!r} (one of {', '.join(WEIGHTS)})"
     if weights == "gguf" and gguf is None:
         return "no GGUF file behind this model"
-    if not quant.available() or quant.isa() is None:
+    if not variants.available() or variants.isa() is None:
         return "no quantised kernel here (no C compiler?)"
     base = getattr(model, "base_model", model)
     if base is model or not hasattr(base, "layers"):
