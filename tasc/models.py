@@ -300,7 +300,7 @@ def load_model(
         )
     model.to(device).eval()
     from tasc.accel.backend import Backend
-    from tasc.accel.resident import file_spans, mapped_weights, page_out, release
+    from tasc.accel.resident import Releaser, file_spans, mapped_weights, page_out
 
     # Weights that decoding does not read stay mapped; spans: file pages to hand back once
     # quantised (tasc.accel.resident).
@@ -320,7 +320,7 @@ def load_model(
         page_out(spans)  # what the copies read
         try:
             backend = Backend.accelerated(model, weights if weights in QUANTISED else "float32", gguf,
-                                          release if mapped else None)
+                                          Releaser() if mapped else None)
         except ValueError as e:  # a GGUF file that does not match the model, named by the message
             raise ModelError(str(e)) from e
         if mapped and backend.quant_label is not None:

@@ -12,7 +12,7 @@ re-quantisation after a change. So:
   that serves it is not supported; tasc itself writes every model folder (conversions,
   fine-tunes, vocabulary rounds) by renaming a finished temporary one.
 - :func:`page_out` hands back the file pages that loading read and decoding will not: those
-  a copy read, and (:func:`release`) each fp32 weight's once it is quantised, so that loading
+  a copy read, and (:class:`Releaser`) each fp32 weight's once it is quantised, so that loading
   holds one weight's pages at a time, not the whole file. The kernel reads them again from the
   file if ever needed. Without ``MADV_PAGEOUT`` (not Linux, or Linux before 5.4)
   nothing is handed back; the pages then go first when memory runs short.
@@ -21,6 +21,7 @@ re-quantisation after a change. So:
 from __future__ import annotations
 
 import mmap
+import re
 
 from tasc.accel.native import MADV_PAGEOUT, madvise
 from tasc.accel.quantized import layer_linears, unsupported
@@ -35,20 +36,17 @@ def mapped_weights(model, weights: str, gguf) -> set[int]:
     return {id(m.weight) for m in modules}
 
 
+_FILE_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+ +/", re.M)
+
+
 def _file_ranges() -> list[tuple[int, int]]:
     """The address ranges of this process's file mappings (none without /proc)."""
     try:
         with open("/proc/self/maps") as f:
-            lines = f.read().splitlines()
+            text = f.read()
     except OSError:
         return []
-    out = []
-    for line in lines:
-        span, *rest = line.split()
-        if len(rest) > 4 and rest[4].startswith("/"):
-            lo, hi = span.split("-")
-            out.append((int(lo, 16), int(hi, 16)))
-    return out
+    return [(int(lo, 16), int(hi, 16)) for lo, hi in _FILE_MAPPING.findall(text)]
 
 
 def _whole_pages(arrays) -> list[tuple[int, int]]:
@@ -62,32 +60,46 @@ def _whole_pages(arrays) -> list[tuple[int, int]]:
     return out
 
 
-def _in_files(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The spans that lie in a file mapping now."""
-    ranges = _file_ranges()
-    return [(s, e) for s, e in spans if any(lo <= s and e <= hi for lo, hi in ranges)]
+def _inside(span: tuple[int, int], ranges: list[tuple[int, int]]) -> bool:
+    return any(lo <= span[0] and span[1] <= hi for lo, hi in ranges)
 
 
 def file_spans(arrays) -> list[tuple[int, int]]:
     """(start, end) of the whole pages inside each of ``arrays`` (torch tensors or numpy
     arrays) that lie in a file mapping."""
-    return _in_files(_whole_pages(arrays))
+    ranges = _file_ranges()
+    return [s for s in _whole_pages(arrays) if _inside(s, ranges)]
 
 
-def page_out(spans: list[tuple[int, int]]) -> int:
-    """After quantisation: hand back the file pages of ``spans``, :func:`file_spans` of the
-    parameters taken before loading copied the ones it keeps (the copy read their pages). Spans
-    no longer in a file mapping are left alone. (A GGUF file's blocks need nothing: once packed,
-    a weight lets them go, and the file's mapping with them.) Returns the bytes handed back (0
-    where the call is missing)."""
+def _advise_out(spans: list[tuple[int, int]]) -> int:
     total = 0
-    for start, end in _in_files(spans):
+    for start, end in spans:
         if not madvise(start, end - start, MADV_PAGEOUT):
             return total  # a kernel without MADV_PAGEOUT
         total += end - start
     return total
 
 
-def release(weight) -> int:
-    """Hand back the file pages of one weight (a tensor or array) once it is quantised."""
-    return page_out(file_spans([weight]))
+def page_out(spans: list[tuple[int, int]]) -> int:
+    """After quantisation: hand back the file pages of ``spans``, :func:`file_spans` of the
+    parameters taken before loading copied the ones it keeps (the copy read their pages). Spans
+    no longer in a file mapping are left alone. Returns the bytes handed back (0 where the call
+    is missing)."""
+    ranges = _file_ranges()
+    return _advise_out([s for s in spans if _inside(s, ranges)])
+
+
+class Releaser:
+    """Hands back the file pages of each weight (a tensor or array) once it is quantised: the
+    ``release`` of tasc.accel.quantized.quantize_model, for one load. The process's file
+    mappings are read at the first call, and again only for a weight outside them (a file mapped
+    since): at every call the read cost more than the quantisation (1,600 mappings)."""
+
+    def __init__(self):
+        self.ranges: list[tuple[int, int]] | None = None
+
+    def __call__(self, weight) -> int:
+        spans = _whole_pages([weight])
+        if self.ranges is None or not all(_inside(s, self.ranges) for s in spans):
+            self.ranges = _file_ranges()
+        return _advise_out([s for s in spans if _inside(s, self.ranges)])
