@@ -165,3 +165,26 @@ def test_file_spans_are_whole_pages_of_file_mappings_only(tmp_path):
     assert file_spans([inner]) == [(mapped.ctypes.data + page, mapped.ctypes.data + 2 * page)]
     assert file_spans([np.ones(4 * page, dtype=np.uint8)]) == []  # anonymous memory: not handed back
     assert file_spans([torch.ones(4 * page)]) == []
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc")
+def test_the_releaser_hands_back_file_pages_only_and_sees_files_mapped_later(tmp_path):
+    import mmap
+
+    from tasc.accel.native import MADV_PAGEOUT, madvise
+    from tasc.accel.resident import Releaser
+
+    page = mmap.PAGESIZE
+    first, second = tmp_path / "a.bin", tmp_path / "b.bin"
+    for p in (first, second):
+        p.write_bytes(b"\x07" * (4 * page))
+    release = Releaser()
+    a = np.memmap(first, dtype=np.uint8, mode="r")
+    handed = release(a)
+    if handed == 0 and not madvise(a.ctypes.data, page, MADV_PAGEOUT):
+        pytest.skip("this kernel has no MADV_PAGEOUT")
+    assert handed == 4 * page
+    assert release(np.ones(4 * page, dtype=np.uint8)) == 0  # anonymous memory: never
+    b = np.memmap(second, dtype=np.uint8, mode="r")  # mapped after the first look
+    assert release(b[page:]) == 3 * page
+    assert int(a.sum()) == int(b.sum()) == 7 * 4 * page  # read back from the files
