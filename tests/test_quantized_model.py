@@ -77,6 +77,25 @@ def test_gguf_blocks_run_as_stored_with_q_and_k_rows_in_model_order(tiny_model_d
         assert torch.equal(model(input_ids=ids).logits, ref.model(input_ids=ids).logits)
 
 
+def test_quantising_at_load_releases_each_weight_as_it_goes(tiny_model_dir):
+    """Quantised at load, every row of every fp32 weight is released in slices as it is
+    quantised, then the weight itself (loading hands their file pages back)."""
+    model = load_model(str(tiny_model_dir), dtype="float32", device="cpu").model
+    released = []
+    assert quantize_model(model, "q8_0", release=released.append) == "q8_0"
+    weights = [m.weight for m in model.modules() if "_tasc_quant" in m.__dict__]
+    assert [id(t) for t in released if isinstance(t, torch.Tensor)] == [id(w) for w in weights]
+    rows, at = {}, 0
+    for t in released:
+        if isinstance(t, torch.Tensor):
+            rows[id(t)] = at
+            at = 0
+        else:
+            assert t.dtype == np.float32 and t.ndim == 2
+            at += len(t)
+    assert all(rows[id(w)] == w.shape[0] for w in weights)
+
+
 def test_a_damaged_gguf_fails_naming_the_file(tiny_model_dir, tmp_path):
     path = tmp_path / "cut.gguf"
     fp32 = load_model(str(tiny_model_dir), dtype="float32", device="cpu")

@@ -166,8 +166,10 @@ class QuantWeight:
         return cls(np.asarray(tensor.data).reshape(n, -1), fmt, k)
 
     @classmethod
-    def quantize(cls, weight, fmt: str) -> QuantWeight:
-        """From a float (n, k) numpy array or torch tensor: the bytes of gguf.quants.quantize."""
+    def quantize(cls, weight, fmt: str, done=None) -> QuantWeight:
+        """From a float (n, k) numpy array or torch tensor: the bytes of gguf.quants.quantize.
+        ``done``, where given, is called with each slice of rows once quantised (a loader hands
+        back their file pages)."""
         if hasattr(weight, "detach"):
             weight = weight.detach().float().cpu().numpy()
         w = np.asarray(weight, dtype=np.float32)
@@ -179,6 +181,8 @@ class QuantWeight:
         step = max(1, (1 << 20) // k)  # rows at a time: the temporaries stay a few MB, not the weight's size
         for i in range(0, n, step):
             out[i : i + step] = quantize_blocks(w[i : i + step].reshape(-1, BLOCK), fmt).reshape(-1, out.shape[1])
+            if done is not None:
+                done(w[i : i + step])
         return cls(out, fmt, k)
 
     @classmethod

@@ -146,10 +146,10 @@ def quantize_model(model, weights: str, gguf: Path | None = None, release=None) 
     """Put the layer linears and the LM head of ``model`` on quantised weights (see module doc);
     returns a label for reports (e.g. "gguf Q4_1, head Q8_0", "q8_0") or None where
     :func:`unsupported` names a reason. Raises ValueError for a GGUF file that does not match
-    the model, naming the file and tensor. ``release``, where given, is called with each
-    module's fp32 weight once its quantised copy is made, and with the GGUF blocks it was made
-    from (tasc.models hands back their file pages then, so that loading never holds a whole
-    file)."""
+    the model, naming the file and tensor. ``release``, where given, is called with what each
+    quantised copy was made from once it is made: the module's fp32 weight (and, quantising at
+    load, each slice of its rows as it goes) and the GGUF blocks (tasc.models hands back their
+    file pages then, so that loading never holds a whole file)."""
     if unsupported(model, weights, gguf) is not None:
         return None
     config, head = model.config, model.get_output_embeddings()
@@ -165,7 +165,7 @@ def quantize_model(model, weights: str, gguf: Path | None = None, release=None) 
         fmt = weights.upper()
 
         def make(name, module):
-            return quant.QuantWeight.quantize(module.weight, fmt)
+            return quant.QuantWeight.quantize(module.weight, fmt, release)
 
         head_name = "lm_head"
     for name, module in [*layer_linears(model), (head_name, head)]:
