@@ -302,14 +302,14 @@ def load_model(
     from tasc.accel.backend import Backend
     from tasc.accel.resident import Releaser, file_spans, mapped_weights, page_out
 
-    # Weights that decoding does not read stay mapped; spans: file pages to hand back once
-    # quantised (tasc.accel.resident).
+    # Weights stay mapped from the file where tasc's kernels decode on copies of them (quantised
+    # or packed); spans: their file pages, handed back once quantised (tasc.accel.resident).
     mapped: set[int] = set()
     spans: list[tuple[int, int]] = []
     if device == "cpu":
         # Weights loaded unconverted stay memory-mapped from the safetensors file, and the
         # kernel may drop such pages under memory pressure; a private copy stays resident.
-        if weights in QUANTISED and kernels == "auto":
+        if kernels == "auto" and torch_dtype == torch.float32:
             mapped = mapped_weights(model, weights, gguf)
             spans = file_spans(list(model.parameters())) if mapped else []
         with torch.no_grad():
@@ -317,7 +317,6 @@ def load_model(
                 if id(p) not in mapped:
                     p.data = p.data.clone()
     if kernels == "auto" and device == "cpu" and torch_dtype == torch.float32:
-        page_out(spans)  # what the copies read
         try:
             backend = Backend.accelerated(model, weights if weights in QUANTISED else "float32", gguf,
                                           Releaser() if mapped else None)

@@ -118,12 +118,13 @@ def _mapped_file(t: torch.Tensor) -> str | None:
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc")
-@pytest.mark.parametrize("weights", ["gguf", "q8_0"])
-def test_fp32_weights_that_decoding_does_not_read_stay_mapped(tiny_model_dir, tmp_path, weights):
-    """A model decoded on quantised weights leaves its fp32 linears mapped from the folder's
-    safetensors file (copy-on-write), not copied into memory, and its embedding. Its weights read back as loaded after their pages were handed
-    back, and it decodes the same as a fully copied model. A weight changed in place changes
-    the outputs and leaves the file as it was."""
+@pytest.mark.parametrize("weights", ["gguf", "q8_0", "float32"])
+def test_fp32_weights_stay_mapped_where_the_kernels_decode_on_copies(tiny_model_dir, tmp_path, weights):
+    """A model decoded on quantised weights, or on tasc's packed fp32 copies, leaves its fp32
+    linears and embedding mapped from the folder's safetensors file (copy-on-write), not
+    copied into memory. Its weights read back as loaded (after their pages were handed back,
+    where quantised), and it decodes the same as a fully copied model. A weight changed in
+    place changes the outputs and leaves the file as it was."""
     import hashlib
     import shutil
 
@@ -134,8 +135,8 @@ def test_fp32_weights_that_decoding_does_not_read_stay_mapped(tiny_model_dir, tm
     shutil.copytree(tiny_model_dir, folder)
     if weights == "gguf":
         (folder / "SOURCE").write_text(f"converted from {gguf_path}\n")
-    lm = load_model(str(folder), device="cpu", kernels="auto")
-    assert lm.weights == ("gguf Q8_0, head Q8_0" if weights == "gguf" else "q8_0")
+    lm = load_model(str(folder), dtype="float32" if weights == "float32" else "auto", device="cpu", kernels="auto")
+    assert lm.weights == {"gguf": "gguf Q8_0, head Q8_0", "q8_0": "q8_0", "float32": "float32"}[weights]
     file = folder / "model.safetensors"
     digest = hashlib.sha256(file.read_bytes()).hexdigest()
     base = lm.model.model
@@ -149,7 +150,7 @@ def test_fp32_weights_that_decoding_does_not_read_stay_mapped(tiny_model_dir, tm
     ref = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     for p in ref.model.parameters():
         assert _mapped_file(p) is None
-    # The pages handed back after quantisation (tasc.accel.resident.page_out) read back as they were.
+    # Pages handed back after quantisation (tasc.accel.resident.page_out) read back as they were.
     for (name, a), b in zip(lm.model.named_parameters(), ref.model.parameters(), strict=True):
         assert torch.equal(a, b), name
     from tasc.accel.backend import Backend

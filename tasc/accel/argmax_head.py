@@ -41,18 +41,23 @@ class ArgmaxHead:
     def _build(self) -> None:
         w = np.ascontiguousarray(self.weight.detach().numpy())
         n, k = w.shape
-        w64 = w.astype(np.float64)
-        maxabs = np.abs(w64).max(axis=1)
+        q, maxabs, err = np.empty((n, k), dtype=np.int8), np.empty(n), np.empty(n)
+        step = max(1, (1 << 20) // k)  # rows at a time: float64 temporaries of MBs, not 8x the head
+        for i in range(0, n, step):
+            w64 = w[i : i + step].astype(np.float64)
+            maxabs[i : i + step] = rows_max = np.abs(w64).max(axis=1)
+            rows_scale = np.where(rows_max > 0, rows_max / 127.0, 1.0).astype(np.float32)
+            rows_q = np.clip(np.rint(w64 / rows_scale[:, None]), -127, 127)
+            err[i : i + step] = np.abs(w64 - rows_q * rows_scale[:, None].astype(np.float64)).max(axis=1)
+            q[i : i + step] = rows_q
         scale = np.where(maxabs > 0, maxabs / 127.0, 1.0).astype(np.float32)
-        q = np.clip(np.rint(w64 / scale[:, None]), -127, 127)
-        err = np.abs(w64 - q * scale[:, None].astype(np.float64)).max(axis=1)
         # |exact - screened| <= ||x||_1 * coef: the quantisation error plus the rounding of both
         # K-term fp32 sums (gamma_K per unit of sum |x| |w|) and of the final scaling.
         u = 2.0**-24
         gamma = (k + 2) * u / (1 - (k + 2) * u)
         coef = err + (2 * gamma + 4 * u) * (maxabs + 127.0 * scale)
         width = (n + BLOCK - 1) // BLOCK * BLOCK
-        self.q = pack(q.astype(np.int8))
+        self.q = pack(q)
         self.scale = np.zeros(width, dtype=np.float32)
         self.scale[:n] = scale
         self.coef = np.zeros(width, dtype=np.float32)

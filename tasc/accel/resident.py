@@ -28,9 +28,13 @@ from tasc.accel.quantized import layer_linears, unsupported
 
 
 def mapped_weights(model, weights: str, gguf) -> set[int]:
-    """ids of the parameters to leave mapped for a model decoded on ``weights`` (a quantised
-    format of tasc.accel.quantized.WEIGHTS; anything else: none)."""
-    if unsupported(model, weights, gguf) is not None:
+    """ids of the parameters to leave mapped for a model decoded on ``weights``: a quantised
+    format of tasc.accel.quantized.WEIGHTS, or "float32" with tasc's kernels, whose steps read
+    packed copies and whose prompts read the mapped weights through BLAS (their pages are not
+    handed back); anything else: none."""
+    if weights != "float32" and unsupported(model, weights, gguf) is not None:
+        return set()
+    if weights == "float32" and not hasattr(getattr(model, "base_model", model), "layers"):
         return set()
     modules = (model.get_input_embeddings(), model.get_output_embeddings(), *(m for _, m in layer_linears(model)))
     return {id(m.weight) for m in modules}
