@@ -208,3 +208,26 @@ def test_the_releaser_hands_back_file_pages_only_and_sees_files_mapped_later(tmp
     b = np.memmap(second, dtype=np.uint8, mode="r")  # mapped after the first look
     assert release(b[page:]) == 3 * page
     assert int(a.sum()) == int(b.sum()) == 7 * 4 * page  # read back from the files
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/pagemap"), reason="needs /proc")
+def test_a_page_written_since_it_was_mapped_keeps_its_contents_when_released(tmp_path):
+    """Released pages that are still the file's are dropped (they read back from it); a page
+    written in a copy-on-write mapping is a private copy, whose contents must survive."""
+    import mmap
+
+    from tasc.accel.resident import Releaser, _only_file_pages
+
+    page = mmap.PAGESIZE
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"\x01" * (4 * page))
+    w = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write, as safetensors maps weights
+    assert int(w.sum()) == 4 * page
+    start = w.ctypes.data
+    assert _only_file_pages(start, start + 4 * page)
+    w[page + 5] = 9  # page 1 becomes a private copy
+    assert not _only_file_pages(start, start + 4 * page)
+    assert _only_file_pages(start + 2 * page, start + 4 * page)
+    Releaser()(w)
+    assert w[page + 5] == 9 and int(w.sum()) == 4 * page + 8
+    assert path.read_bytes() == b"\x01" * (4 * page)

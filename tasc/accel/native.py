@@ -92,7 +92,7 @@ def load(name: str) -> ctypes.CDLL | None:
         return None
 
 
-MADV_HUGEPAGE, MADV_PAGEOUT = 14, 21  # Linux's advice values
+MADV_DONTNEED, MADV_HUGEPAGE, MADV_PAGEOUT = 4, 14, 21  # Linux's advice values
 
 
 @cache

@@ -1,9 +1,10 @@
-"""What of a model decoded on quantised weights stays in memory.
+"""What of a model decoded on tasc's kernels stays in memory.
 
 Decoding on quantised weights reads their kernel layouts (tasc.accel.quant), the norms, and
 the embedding rows of the tokens it meets; the model's fp32 linears and head are read only by a
 fallback (a call autograd differentiates, the portable kernel's long prompts) or a
-re-quantisation after a change. So:
+re-quantisation after a change. Decoding in float32 reads packed copies, and only its prompts
+read the fp32 linears (through BLAS). So:
 
 - :func:`mapped_weights` names the fp32 parameters that loading leaves memory-mapped
   (copy-on-write) from the model's safetensors file instead of copying them: the layers'
@@ -11,11 +12,12 @@ re-quantisation after a change. So:
   llama.cpp's memory-mapped GGUF files, overwriting a model folder in place under a process
   that serves it is not supported; tasc itself writes every model folder (conversions,
   fine-tunes, vocabulary rounds) by renaming a finished temporary one.
-- :func:`page_out` hands back the file pages that loading read and decoding will not: those
-  a copy read, and (:class:`Releaser`) each fp32 weight's once it is quantised, so that loading
-  holds one weight's pages at a time, not the whole file. The kernel reads them again from the
-  file if ever needed. Without ``MADV_PAGEOUT`` (not Linux, or Linux before 5.4)
-  nothing is handed back; the pages then go first when memory runs short.
+- On quantised weights, the file pages that loading read and decoding will not go out of the
+  process as each weight is quantised (:class:`Releaser`), so that loading holds one weight's
+  pages at a time, not the whole file, and after the load (:func:`page_out`). Pages that are
+  still the file's are dropped and stay in the page cache, where the next load, or a fallback,
+  finds them; a page written since it was mapped is paged out instead (``MADV_PAGEOUT``,
+  Linux 5.4 on), which keeps its contents.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from __future__ import annotations
 import mmap
 import re
 
-from tasc.accel.native import MADV_PAGEOUT, madvise
+import numpy as np
+
+from tasc.accel.native import MADV_DONTNEED, MADV_PAGEOUT, madvise
 from tasc.accel.quantized import layer_linears, unsupported
 
 
@@ -75,10 +79,30 @@ def file_spans(arrays) -> list[tuple[int, int]]:
     return [s for s in _whole_pages(arrays) if _inside(s, ranges)]
 
 
+def _only_file_pages(start: int, end: int) -> bool:
+    """True when no page of [start, end) is a private copy (written since it was mapped: present
+    and not a file page, or swapped out), by /proc/self/pagemap (bits 63 present, 62 swapped, 61
+    file page); False where that cannot be read."""
+    page = mmap.PAGESIZE
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(start // page * 8)
+            entries = np.frombuffer(f.read((end - start) // page * 8), dtype=np.uint64)
+    except OSError:
+        return False
+    present, swapped, file = ((entries >> np.uint64(bit)) & np.uint64(1) for bit in (63, 62, 61))
+    return len(entries) == (end - start) // page and not swapped.any() and bool(file[present == 1].all())
+
+
 def _advise_out(spans: list[tuple[int, int]]) -> int:
+    """Take the pages of ``spans`` (in file mappings) out of this process: dropped where every
+    page is still the file's (MADV_DONTNEED: they stay in the page cache, for the next load
+    and for anything that reads them again), else paged out (MADV_PAGEOUT keeps a private
+    copy's contents). Returns the bytes taken out."""
     total = 0
     for start, end in spans:
-        if not madvise(start, end - start, MADV_PAGEOUT):
+        advice = MADV_DONTNEED if _only_file_pages(start, end) else MADV_PAGEOUT
+        if not madvise(start, end - start, advice):
             return total  # a kernel without MADV_PAGEOUT
         total += end - start
     return total
