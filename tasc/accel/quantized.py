@@ -148,8 +148,8 @@ def quantize_model(model, weights: str, gguf: Path | None = None, release=None) 
     :func:`unsupported` names a reason. Raises ValueError for a GGUF file that does not match
     the model, naming the file and tensor. ``release``, where given, is called with what each
     quantised copy was made from once it is made: the module's fp32 weight (and, quantising at
-    load, each slice of its rows as it goes) and the GGUF blocks (tasc.models hands back their
-    file pages then, so that loading never holds a whole file)."""
+    load, each slice of its rows as it goes) and the GGUF blocks (tasc.models takes their
+    file pages out of the process then, so that loading never holds a whole file)."""
     if unsupported(model, weights, gguf) is not None:
         return None
     config, head = model.config, model.get_output_embeddings()

@@ -34,8 +34,8 @@ from tasc.accel.quantized import layer_linears, unsupported
 def mapped_weights(model, weights: str, gguf) -> set[int]:
     """ids of the parameters to leave mapped for a model decoded on ``weights``: a quantised
     format of tasc.accel.quantized.WEIGHTS, or "float32" with tasc's kernels, whose steps read
-    packed copies and whose prompts read the mapped weights through BLAS (their pages are not
-    handed back); anything else: none."""
+    packed copies and whose prompts read the mapped weights through BLAS (their pages stay);
+    anything else: none."""
     if weights != "float32" and unsupported(model, weights, gguf) is not None:
         return set()
     if weights == "float32" and not hasattr(getattr(model, "base_model", model), "layers"):
@@ -109,10 +109,10 @@ def _advise_out(spans: list[tuple[int, int]]) -> int:
 
 
 def page_out(spans: list[tuple[int, int]]) -> int:
-    """After quantisation: hand back the file pages of ``spans``, :func:`file_spans` of the
-    parameters taken before loading copied the ones it keeps (the copy read their pages). Spans
-    no longer in a file mapping are left alone. Returns the bytes handed back (0 where the call
-    is missing)."""
+    """After quantisation: take the pages of ``spans`` (:func:`file_spans` of the parameters,
+    taken at load) out of the process, as :class:`Releaser` does weight by weight; spans no
+    longer in a file mapping are left alone. Returns the bytes taken out (0 where the call is
+    missing)."""
     ranges = _file_ranges()
     return _advise_out([s for s in spans if _inside(s, ranges)])
 
