@@ -21,10 +21,12 @@ from __future__ import annotations
 import mmap
 import struct
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+if TYPE_CHECKING:
+    import gguf
 
 # Metadata value types: the fixed sizes of the scalar ones; 8 is a string, 9 an array.
 _SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -36,7 +38,7 @@ class GGUFTensor(NamedTuple):
     bytes (uint8, a read-only view of the mapped file)."""
 
     name: str
-    tensor_type: GGMLQuantizationType
+    tensor_type: gguf.GGMLQuantizationType
     shape: tuple[int, ...]
     data: np.ndarray
 
@@ -79,6 +81,8 @@ class _Cursor:
 
 def read_tensors(path: str | Path) -> dict[str, GGUFTensor]:
     """The tensors of the GGUF file ``path`` by name (see the module doc)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # the type table (its import: 60 ms)
+
     path = Path(path)
     with open(path, "rb") as f:
         try:
