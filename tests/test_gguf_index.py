@@ -86,3 +86,25 @@ def test_a_damaged_file_is_named(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty\.gguf: not a readable GGUF file"):
         read_tensors(empty)
+
+
+def retype_tensor(data: bytes, name: str, kind: int) -> bytes:
+    """The file with tensor ``name``'s type id set to ``kind`` (in its tensor record)."""
+    import struct
+
+    key = struct.pack("<Q", len(name)) + name.encode()
+    at = data.index(key) + len(key)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    at += 4 + 8 * n_dims
+    return data[:at] + struct.pack("<I", kind) + data[at + 4 :]
+
+
+def test_a_tensor_type_the_gguf_package_does_not_know_is_listed_without_bytes(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    _write(path)
+    newer = tmp_path / "newer.gguf"
+    newer.write_bytes(retype_tensor(path.read_bytes(), "blk.1.ffn_down.weight", 199))
+    tensors = read_tensors(newer)
+    unknown = tensors["blk.1.ffn_down.weight"]
+    assert unknown.tensor_type.name == "type 199" and unknown.data.size == 0
+    assert np.array_equal(tensors["blk.0.attn_q.weight"].data, read_tensors(path)["blk.0.attn_q.weight"].data)

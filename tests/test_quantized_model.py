@@ -96,6 +96,18 @@ def test_quantising_at_load_releases_each_weight_as_it_goes(tiny_model_dir):
     assert all(rows[id(w)] == w.shape[0] for w in weights)
 
 
+def test_a_tensor_type_unknown_to_the_gguf_package_falls_back_with_a_notice(tiny_model_dir, tmp_path, capsys):
+    from tests.test_gguf_index import retype_tensor
+
+    path = tmp_path / "tiny.gguf"
+    fp32 = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    _write_gguf(fp32.model, path, skip_type_for="blk.1.ffn_down.weight")
+    path.write_bytes(retype_tensor(path.read_bytes(), "blk.1.ffn_down.weight", 199))
+    model = load_model(str(tiny_model_dir), dtype="float32", device="cpu").model
+    assert quantize_model(model, "gguf", path) == "gguf Q8_0, head Q8_0"
+    assert "blk.1.ffn_down.weight: type 199 is not a kernel format; quantised to Q8_0" in capsys.readouterr().err
+
+
 def test_a_damaged_gguf_fails_naming_the_file(tiny_model_dir, tmp_path):
     path = tmp_path / "cut.gguf"
     fp32 = load_model(str(tiny_model_dir), dtype="float32", device="cpu")

@@ -13,7 +13,8 @@ and the offset u64 of its bytes from the data start, which is the end of the ten
 rounded up to ``general.alignment`` (default 32).
 
 Contract: a file that is not GGUF, is cut short, or whose records point outside it raises
-ValueError naming the file and, where one is to blame, the tensor.
+ValueError naming the file and, where one is to blame, the tensor. A tensor of a type id the
+gguf package does not know is listed with an :class:`UnknownType` and no bytes.
 """
 
 from __future__ import annotations
@@ -38,9 +39,16 @@ class GGUFTensor(NamedTuple):
     bytes (uint8, a read-only view of the mapped file)."""
 
     name: str
-    tensor_type: gguf.GGMLQuantizationType
+    tensor_type: gguf.GGMLQuantizationType | UnknownType
     shape: tuple[int, ...]
     data: np.ndarray
+
+
+class UnknownType(NamedTuple):
+    """The ``tensor_type`` of a tensor whose type id the gguf package does not know (its bytes
+    are not given): a loader falls back for it, as for any type its kernels do not run."""
+
+    name: str
 
 
 class _Cursor:
@@ -84,11 +92,11 @@ def read_tensors(path: str | Path) -> dict[str, GGUFTensor]:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # the type table (its import: 60 ms)
 
     path = Path(path)
-    with open(path, "rb") as f:
-        try:
+    try:
+        with open(path, "rb") as f:
             buf = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-        except ValueError as e:  # an empty file
-            raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
+    except (OSError, ValueError) as e:  # unreadable, or empty
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
     cur = _Cursor(buf, path)
     magic, version = cur.take("<4sI")
     if magic != b"GGUF" or version not in (2, 3):
@@ -117,8 +125,9 @@ def read_tensors(path: str | Path) -> dict[str, GGUFTensor]:
         try:
             qtype = GGMLQuantizationType(kind)
             block, size = GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{path}: tensor {name}: unknown tensor type {kind}") from e
+        except (ValueError, KeyError):  # newer than this gguf package: its size is unknown
+            tensors[name] = GGUFTensor(name, UnknownType(f"type {kind}"), shape, data[:0])
+            continue
         nbytes = int(np.prod(shape, dtype=np.int64)) // block * size
         begin = start + offset
         if begin + nbytes > len(data):
