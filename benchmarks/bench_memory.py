@@ -3,12 +3,12 @@ loads the model and greedily decodes the same prompts.
 
     python -m benchmarks.bench_memory [--model M] [--dtype auto float32] [--new-tokens 96] [--llama-cpp DIR] [--json out.json]
 
-For tasc the table splits the resident set after load and after decoding into anonymous pages
-(the process's own) and file pages (mapped files, the page cache: shared, and the first pages
-the kernel takes back under pressure), and gives the peak (VmHWM). The row "python, torch,
-transformers, tasc" is the same process with the code imported and no model loaded. llama.cpp's figure is the peak of
-``llama-completion`` (the child's ru_maxrss) with the context the side-by-side benchmark gives it
-(``-c 4096``).
+For tasc the table gives the load's seconds (after the imports) and splits the resident set
+after load and after decoding into anonymous pages (the process's own) and file pages (mapped
+files, the page cache: shared, and the first pages the kernel takes back under pressure), and
+gives the peak (VmHWM). The row "python, torch, transformers, tasc" is the same process with the
+code imported and no model loaded. llama.cpp's figure is the peak of ``llama-completion`` (the
+child's ru_maxrss) with the context the side-by-side benchmark gives it (``-c 4096``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 from benchmarks import save_report
 from benchmarks.bench_threads import PROMPTS
@@ -43,7 +44,9 @@ def child(model: str, dtype: str, new_tokens: int) -> dict:
     out = {"imports": _status()}
     if dtype == "none":
         return out
+    start = time.perf_counter()
     lm = load_model(model, dtype=dtype, kernels="auto")
+    out["load_s"] = time.perf_counter() - start
     out["weights"], out["kernels"], out["loaded"] = lm.weights, lm.kernels, _status()
     generate(lm.backend, lm.tokenizer, PROMPTS, method="greedy", config=DecodeConfig(max_new_tokens=new_tokens))
     out["decoded"] = _status()
@@ -101,17 +104,18 @@ def main(argv: list[str] | None = None) -> dict:
         prompt = render_prompt(load_tokenizer(resolve_model(DEFAULT_MODEL)), PROMPTS[0])
         report["llama.cpp"] = {"peak": llama_peak_mb(bin_dir, gguf_file(DEFAULT_MODEL), prompt, args.new_tokens)}
 
-    print("| process | weights | after load MB (anon + file) | after decoding MB (anon + file) | peak MB |\n"
-          "|---|---|---|---|---|")
+    print("| process | weights | load s | after load MB (anon + file) | after decoding MB (anon + file) | peak MB |\n"
+          "|---|---|---|---|---|---|")
     imp = report["imports"]
-    print(f"| python, torch, transformers, tasc | - | {imp['VmRSS']:.0f} ({imp['RssAnon']:.0f} + {imp['RssFile']:.0f}) "
+    print(f"| python, torch, transformers, tasc | - | - | {imp['VmRSS']:.0f} ({imp['RssAnon']:.0f} + {imp['RssFile']:.0f}) "
           f"| - | {imp['VmHWM']:.0f} |")
     for dtype, r in report["tasc"].items():
         a, b = r["loaded"], r["decoded"]
-        print(f"| tasc {model} --dtype {dtype} | {r['weights']} | {a['VmRSS']:.0f} ({a['RssAnon']:.0f} + {a['RssFile']:.0f}) "
+        print(f"| tasc {model} --dtype {dtype} | {r['weights']} | {r['load_s']:.1f} "
+              f"| {a['VmRSS']:.0f} ({a['RssAnon']:.0f} + {a['RssFile']:.0f}) "
               f"| {b['VmRSS']:.0f} ({b['RssAnon']:.0f} + {b['RssFile']:.0f}) | {b['VmHWM']:.0f} |")
     if "llama.cpp" in report:
-        print(f"| llama.cpp (-c 4096), the shipped GGUF | gguf | - | - | {report['llama.cpp']['peak']:.0f} |")
+        print(f"| llama.cpp (-c 4096), the shipped GGUF | gguf | - | - | - | {report['llama.cpp']['peak']:.0f} |")
     save_report(report, args.json)
     return report
 
