@@ -205,7 +205,8 @@ class QuantWeight:
         layouts = [w.packed() for w in weights]
         qs = _aligned(sum(q.nbytes for q, _ in layouts))
         sc = _aligned(sum(s.nbytes for _, s in layouts)).view(np.uint16)
-        qs[:], sc[:] = np.concatenate([q for q, _ in layouts]), np.concatenate([s for _, s in layouts])
+        np.concatenate([q for q, _ in layouts], out=qs)
+        np.concatenate([s for _, s in layouts], out=sc)
         out._place(qs, sc)
         return out
 
@@ -270,7 +271,8 @@ class QuantWeight:
     def _unpacked(self) -> np.ndarray:
         """The GGUF bytes read back from the layout (the inverse of :meth:`packed`)."""
         q_out, s_out = self._packed
-        groups, nb, n_scales = -(-self.n // GROUP), self.k // BLOCK, 2 if self.fmt == "Q4_1" else 1
+        groups, nb = -(-self.n // GROUP), self.k // BLOCK
+        n_scales = s_out.size // (groups * nb * GROUP)  # d, and m where the format has one
         qs = q_out.reshape(groups, nb, -1, GROUP, 4).transpose(0, 3, 1, 2, 4).reshape(groups * GROUP, nb, -1)
         sc = s_out.reshape(groups, nb, n_scales, GROUP).transpose(0, 3, 1, 2).reshape(groups * GROUP, nb, n_scales)
         out = np.concatenate([np.ascontiguousarray(sc[: self.n]).view(np.uint8), qs[: self.n]], axis=2)
