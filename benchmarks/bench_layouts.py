@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None, help="also write the report here")
     args = ap.parse_args(argv)
     from tasc.decode.engine import DecodeConfig, generate
+    from tasc.eval.harness import cpu_name
     from tasc.models import load_model
 
     models, huge = {}, {}
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
         huge[name] = _huge_pages_mb() - before
     os.environ.pop("TASC_HUGE_PAGES")
     cfg = DecodeConfig(max_new_tokens=args.new_tokens, prefix_cache=False)
-    report = {"weights": models["together"].weights, "huge_pages_mb": huge, "threads": {}}
+    report = {"cpu": cpu_name(), "weights": models["together"].weights, "huge_pages_mb": huge, "threads": {}}
+    print(f"CPU: {report['cpu']}; weights: {report['weights']}")
     print("| threads | separate tok/s | together tok/s | together / separate | identical |\n|---|---|---|---|---|")
     for threads in args.threads:
         torch.set_num_threads(threads)

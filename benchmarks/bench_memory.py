@@ -91,9 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
                                "--new-tokens", str(args.new_tokens)], capture_output=True, text=True, check=True)
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    report = {"model": model, "imports": run_child("none")["imports"], "tasc": {d: run_child(d) for d in args.dtype}}
     from tasc.data.prompts import render_prompt
+    from tasc.eval.harness import cpu_name
     from tasc.eval.llamacpp import LlamaCppError, find_binaries
+
+    report = {"cpu": cpu_name(), "model": model, "imports": run_child("none")["imports"],
+              "tasc": {d: run_child(d) for d in args.dtype}}
     from tasc.models import gguf_file, load_tokenizer, resolve_model
 
     try:
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         prompt = render_prompt(load_tokenizer(resolve_model(DEFAULT_MODEL)), PROMPTS[0])
         report["llama.cpp"] = {"peak": llama_peak_mb(bin_dir, gguf_file(DEFAULT_MODEL), prompt, args.new_tokens)}
 
+    print(f"CPU: {report['cpu']}")
     print("| process | weights | load s | after load MB (anon + file) | after decoding MB (anon + file) | peak MB |\n"
           "|---|---|---|---|---|---|")
     imp = report["imports"]

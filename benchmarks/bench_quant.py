@@ -25,13 +25,6 @@ ROWS = (1, 2, 4, 8, 12, 17)
 SCOPES = ("layer", "model", "cold")
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def load_layers(path: Path):
     """Per layer the four products' Q4_1 weights (q/k/v and gate/up fused), and the LM head."""
     import gguf
@@ -57,6 +50,7 @@ def main() -> None:
     ap.add_argument("--isa", default=None, help="force a kernel variant (default: the probed best)")
     args = ap.parse_args()
     from tasc.accel import packed, quant, variants
+    from tasc.eval.harness import cpu_name
     from tasc.models import DEFAULT_MODEL, gguf_file
 
     chosen = variants.isa(args.isa)

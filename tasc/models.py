@@ -200,11 +200,9 @@ def resolve_model(name: str | os.PathLike, cache_dir: Path | None = None) -> str
 
 def has_native_bf16() -> bool:
     """True where bfloat16 matmuls run natively on the CPU (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from tasc.accel.native import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def pick_device(device: str = "auto") -> str:

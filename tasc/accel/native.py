@@ -26,11 +26,13 @@ FLAGS: dict[str, tuple[str, ...]] = {
     # Every variant of the quantised kernels, each function built for its own instruction set
     # (target attributes): the library loads anywhere and tasc.accel.quant probes the variants.
     "quant": ("-O3", "-ffp-contract=off", "-fopenmp"),
+    # Quantising and laying out weights at load: plain C, the float operations as written.
+    "quant_load": ("-O3", "-ffp-contract=off", "-fopenmp", "-lm"),
     "decoder": ("-O2", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"),
     # The same source for CPUs without AVX2 (ARM among them): the same results, bitwise.
     "decoder_portable": ("-O2", "-DTASC_PORTABLE", "-ffp-contract=off", "-fopenmp", "-lm"),
 }
-NEEDS: dict[str, tuple[str, ...]] = {"small_gemm": ("avx2", "fma"), "draft": (), "quant": (),
+NEEDS: dict[str, tuple[str, ...]] = {"small_gemm": ("avx2", "fma"), "draft": (), "quant": (), "quant_load": (),
                                      "decoder": ("avx2", "fma"), "decoder_portable": ()}
 FILES = {"decoder_portable": "decoder"}  # builds of another kernel's source
 # The sources as they were when this process imported tasc: the ctypes signatures in the

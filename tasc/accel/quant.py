@@ -23,13 +23,21 @@ from collections.abc import Sequence
 import numpy as np
 
 from tasc.accel import native
+from tasc.accel.blocks import (
+    BLOCK,
+    GROUP,
+    TYPE_SIZE,
+    TYPES,
+    aligned,
+    check_format,
+    pack_layout,
+    quantize_blocks,
+    split_fields,
+    unpack_layout,
+)
 from tasc.accel.threads import BUDGET
 from tasc.accel.variants import ERRORS, ISAS, available, default_id, isa, library
 
-BLOCK = 32  # weights a block, along K
-GROUP = 16  # columns a packed group (kernels/quant.c)
-TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}  # GGML type ids
-TYPE_SIZE = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # bytes a block
 HUGE = 2 << 20  # bytes of a transparent huge page (x86-64)
 
 
@@ -38,12 +46,6 @@ def _address(a: np.ndarray) -> int:
         return ctypes.addressof(ctypes.c_char.from_buffer(a))
     except (TypeError, ValueError):  # read-only
         return a.ctypes.data
-
-
-def _aligned(nbytes: int) -> np.ndarray:
-    raw = np.empty(nbytes + 64, dtype=np.uint8)
-    off = -raw.ctypes.data % 64
-    return raw[off:off + nbytes]
 
 
 def pack_together(weights: Sequence[QuantWeight]) -> None:
@@ -79,43 +81,6 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _roundf(v: np.ndarray) -> np.ndarray:  # C roundf (half away from zero), as gguf.quants
-    a = np.abs(v)
-    floor = np.floor(a)
-    return np.sign(v) * (floor + np.floor(2 * (a - floor)))
-
-
-def _check_format(fmt: str) -> None:
-    if fmt not in TYPES:
-        raise ValueError(f"unsupported block format {fmt!r}: expected one of {', '.join(TYPES)}")
-
-
-def quantize_blocks(blocks: np.ndarray, fmt: str) -> np.ndarray:
-    """float32 (n, 32) -> uint8 (n, TYPE_SIZE[fmt]): the bytes of gguf.quants.quantize."""
-    _check_format(fmt)
-    if fmt == "Q8_0":
-        d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
-        with np.errstate(divide="ignore"):
-            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
-        qs = _roundf(blocks * inv).astype(np.int8).view(np.uint8)
-        return np.concatenate([d.astype(np.float16).view(np.uint8), qs], axis=1)
-    if fmt == "Q4_0":
-        imax = np.abs(blocks).argmax(axis=1)[:, None]
-        d = np.take_along_axis(blocks, imax, axis=1) / np.float32(-8)
-        with np.errstate(divide="ignore"):
-            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
-        q = np.trunc(blocks * inv + np.float32(8.5)).astype(np.uint8).clip(0, 15)
-        head = [d.astype(np.float16).view(np.uint8)]
-    else:  # Q4_1
-        lo, hi = blocks.min(axis=1, keepdims=True), blocks.max(axis=1, keepdims=True)
-        d = (hi - lo) / np.float32(15)
-        with np.errstate(divide="ignore"):
-            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
-        q = np.trunc((blocks - lo) * inv + np.float32(0.5)).astype(np.uint8).clip(0, 15)
-        head = [d.astype(np.float16).view(np.uint8), lo.astype(np.float16).view(np.uint8)]
-    return np.concatenate([*head, q[:, :16] | (q[:, 16:] << np.uint8(4))], axis=1)
-
-
 def unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
     """Row order that undoes llama.cpp's conversion of a q or k projection (its ``permute``,
     pairs of rotary halves interleaved per head): ``w_gguf.take_rows(idx)`` is in HF order."""
@@ -133,7 +98,7 @@ class QuantWeight:
     and a GGUF file's blocks are not kept mapped once packed."""
 
     def __init__(self, blocks: np.ndarray, fmt: str, k: int):
-        _check_format(fmt)
+        check_format(fmt)
         if k <= 0 or k % BLOCK:
             raise ValueError(f"K = {k} is not a positive multiple of {BLOCK} (the {fmt} block)")
         blocks = np.asarray(blocks)
@@ -151,7 +116,7 @@ class QuantWeight:
         once packed: read back from the layout)."""
         if self._parts is not None:
             return np.concatenate([p.blocks for p in self._parts])
-        return self._blocks if self._blocks is not None else self._unpacked()
+        return self._blocks if self._blocks is not None else unpack_layout(*self._packed, self.fmt, self.n, self.k)
 
     @classmethod
     def from_gguf(cls, tensor) -> QuantWeight:
@@ -175,7 +140,7 @@ class QuantWeight:
         w = np.asarray(weight, dtype=np.float32)
         if w.ndim != 2 or w.shape[1] % BLOCK or w.shape[1] == 0:
             raise ValueError(f"weight shape {w.shape}: (N, K) with K a positive multiple of {BLOCK} expected")
-        _check_format(fmt)
+        check_format(fmt)
         n, k = w.shape
         out = np.empty((n, k // BLOCK * TYPE_SIZE[fmt]), dtype=np.uint8)
         step = max(1, (1 << 20) // k)  # rows at a time: the temporaries stay a few MB, not the weight's size
@@ -203,8 +168,8 @@ class QuantWeight:
         out = cls(np.empty((0, k // BLOCK * TYPE_SIZE[fmt]), dtype=np.uint8), fmt, k)
         out.n, out._parts = sum(w.n for w in weights), list(weights)
         layouts = [w.packed() for w in weights]
-        qs = _aligned(sum(q.nbytes for q, _ in layouts))
-        sc = _aligned(sum(s.nbytes for _, s in layouts)).view(np.uint16)
+        qs = aligned(sum(q.nbytes for q, _ in layouts))
+        sc = aligned(sum(s.nbytes for _, s in layouts)).view(np.uint16)
         np.concatenate([q for q, _ in layouts], out=qs)
         np.concatenate([s for _, s in layouts], out=sc)
         out._place(qs, sc)
@@ -228,15 +193,9 @@ class QuantWeight:
     def nbytes(self) -> int:
         return self.n * (self.k // BLOCK) * TYPE_SIZE[self.fmt]
 
-    def _fields(self) -> tuple[np.ndarray, ...]:
-        """(n, k/32, .) views: fp16 scale d, [fp16 min m,] quants."""
-        b = self.blocks.reshape(self.n, self.k // BLOCK, TYPE_SIZE[self.fmt])
-        half = np.ascontiguousarray(b[:, :, :4 if self.fmt == "Q4_1" else 2]).view(np.float16)
-        return (*np.moveaxis(half, 2, 0), b[:, :, 4 if self.fmt == "Q4_1" else 2:])
-
     def dequantize(self) -> np.ndarray:
         """The float32 (n, k) values (bitwise those of gguf.quants.dequantize)."""
-        *scales, qs = self._fields()
+        *scales, qs = split_fields(self.blocks, self.fmt, self.k)
         d = scales[0].astype(np.float32)[..., None]
         if self.fmt == "Q8_0":
             w = qs.view(np.int8).astype(np.float32) * d
@@ -247,36 +206,11 @@ class QuantWeight:
         return w.reshape(self.n, self.k)
 
     def packed(self) -> tuple[np.ndarray, np.ndarray]:
-        """The kernel's layout (kernels/quant.c): quants (groups, k/32, chunks, 16, 4) and fp16
-        scales (groups, k/32, [2,] 16), 16 columns a group, zero-padded; built once."""
+        """The kernel's layout (tasc.accel.blocks.pack_layout), built once; the GGUF bytes are
+        dropped then."""
         if self._packed is None:
-            *scales, qs = self._fields()
-            groups, nb, n_scales = -(-self.n // GROUP), self.k // BLOCK, len(scales)
-            q_out = _aligned(groups * GROUP * qs.shape[1] * qs.shape[2])
-            s_out = _aligned(groups * GROUP * nb * n_scales * 2).view(np.uint16)
-            q_groups = q_out.reshape(groups, nb, -1, GROUP, 4)
-            s_groups = s_out.reshape(groups, nb, n_scales, GROUP)
-            step = max(1, (1 << 22) // (GROUP * qs.shape[1] * qs.shape[2]))  # groups at a time: few MB of temporaries
-            for g in range(0, groups, step):
-                rows = slice(g * GROUP, min(self.n, (g + step) * GROUP))
-                count = min(step, groups - g)
-                pad = ((0, count * GROUP - (rows.stop - rows.start)), (0, 0), (0, 0))
-                q = np.pad(qs[rows], pad).reshape(count, GROUP, nb, -1, 4)
-                sc = np.pad(np.stack([s[rows].view(np.uint16) for s in scales], axis=2), pad)
-                q_groups[g : g + count] = q.transpose(0, 2, 3, 1, 4)
-                s_groups[g : g + count] = sc.reshape(count, GROUP, nb, n_scales).transpose(0, 2, 3, 1)
-            self._packed, self._blocks = (q_out, s_out), None
+            self._packed, self._blocks = pack_layout(self.blocks, self.fmt, self.k), None
         return self._packed
-
-    def _unpacked(self) -> np.ndarray:
-        """The GGUF bytes read back from the layout (the inverse of :meth:`packed`)."""
-        q_out, s_out = self._packed
-        groups, nb = -(-self.n // GROUP), self.k // BLOCK
-        n_scales = s_out.size // (groups * nb * GROUP)  # d, and m where the format has one
-        qs = q_out.reshape(groups, nb, -1, GROUP, 4).transpose(0, 3, 1, 2, 4).reshape(groups * GROUP, nb, -1)
-        sc = s_out.reshape(groups, nb, n_scales, GROUP).transpose(0, 3, 1, 2).reshape(groups * GROUP, nb, n_scales)
-        out = np.concatenate([np.ascontiguousarray(sc[: self.n]).view(np.uint8), qs[: self.n]], axis=2)
-        return out.reshape(self.n, -1)
 
     def _place(self, qs: np.ndarray, sc: np.ndarray) -> None:
         """Take ``qs`` and ``sc``, holding a copy of this weight's layout, as the layout; a

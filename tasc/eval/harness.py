@@ -41,17 +41,21 @@ class Method:
     note: str = ""
 
 
-def environment(dtype: str, device: str, kernels: str = "torch") -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (every figure names its machine)."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def environment(dtype: str, device: str, kernels: str = "torch") -> dict:
+    import torch
+
+    cpu = cpu_name()
     return {
         "dtype": dtype,
         "device": device,
