@@ -2,7 +2,7 @@
 
 A decode step reads every weight once, so its time is the weights' bytes: a Q4_1 model is a
 sixth of its fp32 copy. :class:`QuantWeight` keeps a weight as the GGUF blocks (read from a
-GGUF file as stored, or quantised here with the same bytes as ``gguf.quants.quantize``) and
+GGUF file as stored, or quantised at load by tasc.accel.blocks, the bytes of ``gguf.quants``) and
 multiplies with the kernels of ``kernels/quant.c``: activations quantised to int8 per block,
 exact integer block dots, and one fixed float order per output element. So a row's output is
 bitwise the same whatever the number of rows in the call, the thread count or the instruction
