@@ -9,6 +9,7 @@ commands to keep ``tasc --help`` fast.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -27,10 +28,21 @@ FORCE = typer.Option(False, "--force", help="rebuild this stage's outputs even w
                      "(damaged ones are rebuilt anyway)")
 
 
-def _setup() -> None:
+def _setup(flows: bool = True) -> Path:
+    """Settings and the state folder (returned); for a command that runs Prefect flows, also
+    Prefect's console without tracebacks (see main)."""
     from storage.settings import configure
 
-    configure()
+    home = configure()
+    if flows and not _traceback_asked():
+        from flows.console import hide_tracebacks
+
+        hide_tracebacks()
+    return home
+
+
+def _traceback_asked() -> bool:
+    return os.environ.get("TASC_TRACEBACK", "0") not in ("0", "", "false", "no")
 
 
 def _echo_json(obj) -> None:
@@ -169,7 +181,7 @@ def finetune(spec: str = typer.Argument(..., help="spec name or YAML path"), mod
     """Fine-tune MODEL on the spec's train split into OUT (resumable), the core alone: no
     Prefect, no MLflow. Several processes, data-parallel: `torchrun --nproc_per_node N -m
     tasc.cli finetune ...` or `accelerate launch -m tasc.cli finetune ...`."""
-    _setup()
+    _setup(flows=False)
     from storage import corpus as store
     from tasc.data.spec import load_spec
     from tasc.train.distributed import from_env
@@ -193,7 +205,7 @@ def generate(spec: str = typer.Argument(..., help="spec name/path, or a draft .p
              method: str = typer.Option("tasc-spec", help="greedy | tasc-spec"),
              max_new_tokens: int = typer.Option(128)):
     """Generate for one prompt, for a quick look (prints the text and decoding stats)."""
-    _setup()
+    _setup(flows=False)
     from storage.drafts import read_draft
     from tasc.data.spec import load_spec
     from tasc.decode.draft import BoundDraft
@@ -240,7 +252,7 @@ def pipeline(spec: str = typer.Argument("snips"), model: str = MODEL,
              force: bool = typer.Option(False, help="rerun even when data and config are unchanged")):
     """Run the end-to-end pipeline (ingest -> n-grams -> [TASC-ft rounds -> fine-tune] -> draft ->
     benchmark -> register) on the local defaults; a re-run after a failure resumes."""
-    home = _setup_home()
+    home = _setup()
     from flows.pipeline import PipelineParams
     from flows.pipeline import pipeline as run
     from storage.tracking import run_url
@@ -274,7 +286,7 @@ def promote(task: str = typer.Argument(..., help="task name, e.g. snips"),
             min_speedup: float = typer.Option(1.05), max_metric_drop: float = typer.Option(0.01),
             metric_floor: float = typer.Option(0.0, help="lowest metric a first champion needs (0: no floor)")):
     """Run the promotion rule on a registered version (moves 'champion' if it wins)."""
-    _setup()
+    _setup(flows=False)
     from storage.registry import promote as run
     from tasc.eval.promotion import PromotionPolicy
 
@@ -285,7 +297,7 @@ def promote(task: str = typer.Argument(..., help="task name, e.g. snips"),
 @app.command()
 def rollback(task: str = typer.Argument(..., help="task name, e.g. snips")):
     """Make the previous champion the champion again."""
-    _setup()
+    _setup(flows=False)
     from storage.registry import registered_name
     from storage.registry import rollback as run
 
@@ -302,16 +314,10 @@ def serve(cron: str | None = typer.Option("0 3 * * *", help="retraining schedule
     serve_pipeline(spec, cron)
 
 
-def _setup_home() -> Path:
-    from storage.settings import configure
-
-    return configure()
-
-
 def main() -> None:
-    """The ``tasc`` command: a failure ends with one line naming what went wrong (the errors
-    of tasc say file, line, field and what to do); ``TASC_TRACEBACK=1`` shows the traceback."""
-    import os
+    """The ``tasc`` command: a failure ends with the error's message, no traceback (the errors
+    of tasc say file, line, field and what to do; Prefect's logs of the failed run keep to
+    their one line too); ``TASC_TRACEBACK=1`` shows the tracebacks."""
     import sys
 
     try:
@@ -319,10 +325,12 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - every failure ends the same way for a person at a terminal
-        if os.environ.get("TASC_TRACEBACK", "0") not in ("0", "", "false", "no"):
+        if _traceback_asked():
             raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {message} (TASC_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        # The whole message: tasc's errors put the file, line and field, and what to do, on the
+        # lines after the first.
+        message = str(e).strip() or type(e).__name__
+        print(f"error: {message}\n(TASC_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
 
 
