@@ -12,6 +12,7 @@ of the user's fails naming the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -65,6 +66,31 @@ class LoadedModel:
     def kernels(self) -> str:
         """What tasc.accel applied, for reports ("torch": nothing)."""
         return self.backend.kernels
+
+
+def _converted(gguf: Path, target: Path) -> Path:
+    """``target`` holding ``gguf`` converted by :func:`convert_gguf`: once, and again where the
+    copy is damaged."""
+    problem = safetensors_problem(target) if _is_model_folder(target) else None
+    if problem:  # the cache is derived from the GGUF file: convert it again
+        logging.getLogger(__name__).warning("%s; converting %s into the model cache again", problem, gguf)
+    if problem or not _is_model_folder(target):
+        from tasc.accel.gguf_index import read_tensors
+
+        try:
+            read_tensors(gguf)  # a truncated or corrupted file fails here, naming it and the tensor
+        except ValueError as e:
+            raise ModelError(str(e)) from e
+        convert_gguf(gguf, target)
+    return target
+
+
+def _gguf_cache_folder(gguf: Path, cache_dir: Path) -> Path:
+    """Where a GGUF file given by path is converted: named by its stem and a key of its path,
+    size and modification time, so that an edited or replaced file is converted again."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir / "gguf" / f"{gguf.stem}-{key}"
 
 
 def default_cache_dir() -> Path:
@@ -168,13 +194,18 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 
 
 def resolve_model(name: str | os.PathLike, cache_dir: Path | None = None) -> str:
-    """A short name, a local folder or a hub id -> what ``from_pretrained`` takes.
+    """A short name, a GGUF file, a local folder or a hub id -> what ``from_pretrained`` takes.
 
-    Short names are converted once into ``cache_dir / name``."""
+    Short names and GGUF files are converted once into the cache (``cache_dir / name``; a file:
+    ``cache_dir / "gguf" / <stem>-<key of its path, size and time>``, so an edited file is
+    converted again); their quantised weights are still read from the file (:func:`gguf_file`)."""
     name = str(name)
     if name.startswith("models:/"):
         raise ModelError(f"{name} is a registry URI: load it through the registry, not resolve_model")
     local = Path(name).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        gguf = local.resolve()
+        return str(_converted(gguf, _gguf_cache_folder(gguf, Path(cache_dir or default_cache_dir()))))
     if local.exists():
         if not local.is_dir() or not (local / "config.json").exists():
             raise ModelError(f"{local} is not a model folder (no config.json)")
@@ -183,13 +214,7 @@ def resolve_model(name: str | os.PathLike, cache_dir: Path | None = None) -> str
         return str(local.resolve())
     if name in SHORT_NAMES:
         cache_dir = Path(cache_dir or default_cache_dir())
-        target = cache_dir / name
-        problem = safetensors_problem(target) if _is_model_folder(target) else None
-        if problem:  # the cache is derived from the GGUF file: convert it again
-            logging.getLogger(__name__).warning("%s; converting %s into the model cache again", problem, name)
-        if problem or not _is_model_folder(target):
-            convert_gguf(find_gguf_file(SHORT_NAMES[name]), target)
-        return str(target)
+        return str(_converted(find_gguf_file(SHORT_NAMES[name]), cache_dir / name))
     if "/" in name:
         return name  # a hub id: transformers resolves it (and fails clearly offline)
     raise ModelError(
