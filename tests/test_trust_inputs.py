@@ -240,6 +240,15 @@ def test_a_damaged_cached_conversion_is_converted_again(tiny_model_dir, tmp_path
         shutil.copytree(tiny_model_dir, out_dir)
         return out_dir
 
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(tmp_path / "model.gguf"), "llama")  # a whole GGUF file, checked before converting
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     monkeypatch.setattr(models, "convert_gguf", convert)
     monkeypatch.setattr(models, "find_gguf_file", lambda src: tmp_path / "model.gguf")
     cache = tmp_path / "cache"
