@@ -570,8 +570,10 @@ static TGT int NAME(run)(int type, const float *x, int M, int K, const uint8_t *
         for (int i = 0; i < T * M; i++) bi[i] = -1;
     /* Threads claim runs of column groups as they go (not a fixed share each): a thread whose
      * core another job is using takes fewer, so a busy neighbour slows the call by its share of
-     * the time, not to the pace of the slowest thread. */
-    const int run = G / (8 * T) > 1 ? G / (8 * T) : 1;
+     * the time, not to the pace of the slowest thread. Two runs a thread: finer claims (a layer's
+     * products have 36-192 groups, a few KB each) cost more than they balanced, in contended
+     * claims and in memory streams the prefetcher has to find again at every claim. */
+    const int run = G / (2 * T) > 1 ? G / (2 * T) : 1;
     int next = 0;
 #pragma omp parallel num_threads(T) if (T > 1)
     {
