@@ -28,13 +28,15 @@ FORCE = typer.Option(False, "--force", help="rebuild this stage's outputs even w
                      "(damaged ones are rebuilt anyway)")
 
 
-def _setup(flows: bool = True) -> Path:
-    """Settings and the state folder (returned); for a command that runs Prefect flows, also
-    Prefect's console without tracebacks (see main)."""
+def _setup(quiet_flows: bool = True) -> Path:
+    """Settings and the state folder (returned); with ``quiet_flows``, Prefect's console logs
+    without tracebacks, for the commands that run flows and end with the error's message (see
+    main). The commands that run no flow skip Prefect's import; ``serve`` keeps the tracebacks
+    (its console is a service's log)."""
     from storage.settings import configure
 
     home = configure()
-    if flows and not _traceback_asked():
+    if quiet_flows and not _traceback_asked():
         from flows.console import hide_tracebacks
 
         hide_tracebacks()
@@ -181,7 +183,7 @@ def finetune(spec: str = typer.Argument(..., help="spec name or YAML path"), mod
     """Fine-tune MODEL on the spec's train split into OUT (resumable), the core alone: no
     Prefect, no MLflow. Several processes, data-parallel: `torchrun --nproc_per_node N -m
     tasc.cli finetune ...` or `accelerate launch -m tasc.cli finetune ...`."""
-    _setup(flows=False)
+    _setup(quiet_flows=False)
     from storage import corpus as store
     from tasc.data.spec import load_spec
     from tasc.train.distributed import from_env
@@ -205,7 +207,7 @@ def generate(spec: str = typer.Argument(..., help="spec name/path, or a draft .p
              method: str = typer.Option("tasc-spec", help="greedy | tasc-spec"),
              max_new_tokens: int = typer.Option(128)):
     """Generate for one prompt, for a quick look (prints the text and decoding stats)."""
-    _setup(flows=False)
+    _setup(quiet_flows=False)
     from storage.drafts import read_draft
     from tasc.data.spec import load_spec
     from tasc.decode.draft import BoundDraft
@@ -286,7 +288,7 @@ def promote(task: str = typer.Argument(..., help="task name, e.g. snips"),
             min_speedup: float = typer.Option(1.05), max_metric_drop: float = typer.Option(0.01),
             metric_floor: float = typer.Option(0.0, help="lowest metric a first champion needs (0: no floor)")):
     """Run the promotion rule on a registered version (moves 'champion' if it wins)."""
-    _setup(flows=False)
+    _setup(quiet_flows=False)
     from storage.registry import promote as run
     from tasc.eval.promotion import PromotionPolicy
 
@@ -297,7 +299,7 @@ def promote(task: str = typer.Argument(..., help="task name, e.g. snips"),
 @app.command()
 def rollback(task: str = typer.Argument(..., help="task name, e.g. snips")):
     """Make the previous champion the champion again."""
-    _setup(flows=False)
+    _setup(quiet_flows=False)
     from storage.registry import registered_name
     from storage.registry import rollback as run
 
@@ -308,7 +310,7 @@ def rollback(task: str = typer.Argument(..., help="task name, e.g. snips")):
 def serve(cron: str | None = typer.Option("0 3 * * *", help="retraining schedule (cron)"),
           spec: str = typer.Option("snips")):
     """Serve the pipeline from this process (flow.serve): a schedule plus UI-triggered runs."""
-    _setup()
+    _setup(quiet_flows=False)
     from flows.serve import serve_pipeline
 
     serve_pipeline(spec, cron)
