@@ -2,7 +2,8 @@
 
 Artifacts: ``model`` (a Hugging Face folder with the tokenizer), ``draft`` (the text draft,
 Parquet), ``config`` (JSON: system prompt, chat template flag, stop strings, dtype,
-generation limit). ``predict`` takes a DataFrame with a ``prompt`` column and, for chat
+generation limit), and ``gguf`` where the model came from a GGUF file (decoding runs on its
+blocks, as benchmarked). ``predict`` takes a DataFrame with a ``prompt`` column and, for chat
 tasks, optional ``system`` and ``messages`` (earlier turns, a JSON list) columns, rendered
 as in training (tasc.data.prompts); or a list of prompt strings. Params: ``max_new_tokens``,
 ``method`` (greedy | tasc-spec) and ``temperature``. It returns one generated string per row.
@@ -39,7 +40,8 @@ class TascModel(mlflow.pyfunc.PythonModel):
 
         with open(context.artifacts["config"]) as f:
             self.config = json.load(f)
-        self.lm = load_model(context.artifacts["model"], dtype=self.config.get("dtype", "auto"), kernels="auto")
+        self.lm = load_model(context.artifacts["model"], dtype=self.config.get("dtype", "auto"), kernels="auto",
+                             gguf=context.artifacts.get("gguf"))
         draft = read_draft(context.artifacts["draft"])
         self.draft = BoundDraft.from_corpus(draft, self.lm.tokenizer)
         # The verify-cost table depends on the serving hardware, so it is measured here.

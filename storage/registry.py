@@ -109,8 +109,11 @@ def pyfunc_signature(config: dict, example_prompts: list[str]):
     return signature
 
 
-def log_pyfunc(run_id: str, model_dir: str, draft_file: str, config: dict, example_prompts: list[str]) -> str:
-    """Log model + tokenizer + draft as one pyfunc (models-from-code) in ``run_id``; returns its URI."""
+def log_pyfunc(run_id: str, model_dir: str, draft_file: str, config: dict, example_prompts: list[str],
+               gguf: str | None = None) -> str:
+    """Log model + tokenizer + draft as one pyfunc (models-from-code) in ``run_id``; returns its URI.
+    ``gguf``: the GGUF file the model came from, logged with it, so that a service anywhere
+    decodes on the blocks that were benchmarked (the model folder only names the file's path)."""
     client()
     signature = pyfunc_signature(config, example_prompts)
     with tempfile.TemporaryDirectory() as d:
@@ -120,7 +123,8 @@ def log_pyfunc(run_id: str, model_dir: str, draft_file: str, config: dict, examp
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(PYFUNC_FILE),
-                artifacts={"model": str(model_dir), "draft": str(draft_file), "config": str(cfg)},
+                artifacts={"model": str(model_dir), "draft": str(draft_file), "config": str(cfg),
+                           **({"gguf": str(gguf)} if gguf else {})},
                 code_paths=[str(REPO_ROOT / "tasc"), str(REPO_ROOT / "storage")],
                 signature=signature,
                 input_example=pd.DataFrame({"prompt": example_prompts[:1]}),

@@ -290,6 +290,7 @@ def load_model(
     dtype: str = "auto",
     device: str = "auto",
     kernels: str = "torch",
+    gguf: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load model and tokenizer ready for generation (eval mode, no grad).
 
@@ -298,7 +299,8 @@ def load_model(
     decoder: tasc.accel) on a CPU in float32, where a k-token verify step then costs little
     more than a one-token step. Generation, benchmarks and serving ask for "auto"; fine-tuning
     keeps "torch". The result's ``backend`` (tasc.accel.backend.Backend) runs decoding's
-    forward passes either way, and ``kernels`` names what applied."""
+    forward passes either way, and ``kernels`` names what applied. ``gguf``: the GGUF file
+    whose blocks quantised decoding runs on (default: the file the model came from, if any)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -308,7 +310,9 @@ def load_model(
         raise ModelError(f"unknown kernels {kernels!r}; use auto or torch")
     path = resolve_model(name, cache_dir)
     device = pick_device(device)
-    gguf = gguf_file(name) or gguf_file(path)
+    if gguf is not None and not Path(gguf).is_file():
+        raise ModelError(f"{gguf}: no such GGUF file")
+    gguf = Path(gguf) if gguf is not None else gguf_file(name) or gguf_file(path)
     weights = pick_weights(dtype, device, kernels, gguf)
     if weights in QUANTISED and (device != "cpu" or kernels != "auto"):
         raise ModelError(f"dtype {weights} runs on tasc's CPU kernels only (device cpu, kernels auto)")

@@ -323,3 +323,33 @@ def test_mlflow_models_serve_answers_rest(pipeline_result):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.mark.slow  # logs and loads a pyfunc with a GGUF file: about 15 s
+def test_a_model_from_a_gguf_file_is_logged_with_it_and_decodes_on_its_blocks(tiny_model_dir, tmp_path):
+    # The model folder only names the GGUF file's path; a service elsewhere must still decode
+    # on the blocks that were benchmarked, so the file travels in the pyfunc.
+    import mlflow
+
+    from storage.drafts import write_draft
+    from storage.tracking import experiment_id
+    from tasc.accel import variants
+    from tasc.decode.draft import build_draft_corpus
+    from tasc.models import ModelError, load_model
+    from tests.test_quantized_model import _write_gguf
+
+    if not variants.available():
+        pytest.skip("no C compiler here")
+    gguf = tmp_path / "tiny.gguf"
+    _write_gguf(load_model(str(tiny_model_dir), dtype="float32", device="cpu").model, gguf)
+    draft = write_draft(build_draft_corpus(references=["the answer is 1 2"] * 3), tmp_path / "draft.parquet")
+    config = {"system_prompt": None, "chat_template": True, "stop": [], "max_new_tokens": 4, "dtype": "auto"}
+    run_id = registry.client().create_run(experiment_id(f"tasc-{_task()}")).info.run_id
+    uri = registry.log_pyfunc(run_id, str(tiny_model_dir), str(draft), config, ["q"], gguf=str(gguf))
+    registry.client().set_terminated(run_id)
+    gguf.rename(tmp_path / "moved.gguf")  # the logged copy is what the service reads
+    served = mlflow.pyfunc.load_model(uri)
+    assert served.unwrap_python_model().lm.weights == "gguf Q8_0, head Q8_0"
+    assert len(served.predict(["question 1"], params={"max_new_tokens": 3})) == 1
+    with pytest.raises(ModelError, match="gone.gguf: no such GGUF file"):
+        load_model(str(tiny_model_dir), kernels="auto", gguf=tmp_path / "gone.gguf")
