@@ -19,8 +19,8 @@
  *   - Both split their rows over `threads` OpenMP threads; results do not depend on it.
  *   - Return 0, or -2 for an unsupported type.
  *
- * Why: numpy took about 0.9 s to quantise a 135M-parameter model and 0.3 s to lay it out,
- * most of a fine-tuned model's load; these loops are one pass over the bytes.
+ * Why: done in numpy, with its temporaries, quantising and laying out the weights were most of
+ * a fine-tuned model's load (docs/performance.md); these loops are one pass over the bytes.
  */
 #include <math.h>
 #include <stdint.h>
