@@ -42,15 +42,16 @@ class ArgmaxHead:
         w = np.ascontiguousarray(self.weight.detach().numpy())
         n, k = w.shape
         q, maxabs, err = np.empty((n, k), dtype=np.int8), np.empty(n), np.empty(n)
+        scale = np.empty(n, dtype=np.float32)
         step = max(1, (1 << 20) // k)  # rows at a time: float64 temporaries of MBs, not 8x the head
         for i in range(0, n, step):
-            w64 = w[i : i + step].astype(np.float64)
-            maxabs[i : i + step] = rows_max = np.abs(w64).max(axis=1)
-            rows_scale = np.where(rows_max > 0, rows_max / 127.0, 1.0).astype(np.float32)
-            rows_q = np.clip(np.rint(w64 / rows_scale[:, None]), -127, 127)
-            err[i : i + step] = np.abs(w64 - rows_q * rows_scale[:, None].astype(np.float64)).max(axis=1)
-            q[i : i + step] = rows_q
-        scale = np.where(maxabs > 0, maxabs / 127.0, 1.0).astype(np.float32)
+            rows = slice(i, i + step)
+            w64 = w[rows].astype(np.float64)
+            maxabs[rows] = np.abs(w64).max(axis=1)
+            scale[rows] = np.where(maxabs[rows] > 0, maxabs[rows] / 127.0, 1.0)
+            rows_q = np.clip(np.rint(w64 / scale[rows, None]), -127, 127)
+            err[rows] = np.abs(w64 - rows_q * scale[rows, None].astype(np.float64)).max(axis=1)
+            q[rows] = rows_q
         # |exact - screened| <= ||x||_1 * coef: the quantisation error plus the rounding of both
         # K-term fp32 sums (gamma_K per unit of sum |x| |w|) and of the final scaling.
         u = 2.0**-24

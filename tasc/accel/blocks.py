@@ -53,15 +53,18 @@ def _threads() -> int:
     return BUDGET.threads(torch.get_num_threads())
 
 
-def quantize_blocks(blocks: np.ndarray, fmt: str) -> np.ndarray:
-    """float32 (n, 32) -> uint8 (n, TYPE_SIZE[fmt]): the bytes of gguf.quants.quantize."""
+def quantize_blocks(blocks: np.ndarray, fmt: str, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 (n, 32) -> uint8 (n, TYPE_SIZE[fmt]): the bytes of gguf.quants.quantize, written
+    into ``out`` (C-contiguous) where given."""
     check_format(fmt)
     blocks = np.ascontiguousarray(blocks, dtype=np.float32)
     lib = _library()
+    if out is None:
+        out = np.empty((len(blocks), TYPE_SIZE[fmt]), dtype=np.uint8)
     if lib is None:
-        return _quantize_numpy(blocks, fmt)
-    out = np.empty((len(blocks), TYPE_SIZE[fmt]), dtype=np.uint8)
-    lib.tasc_quantize_blocks(TYPES[fmt], blocks.ctypes.data, len(blocks), out.ctypes.data, _threads())
+        out[...] = _quantize_numpy(blocks, fmt)
+    else:
+        lib.tasc_quantize_blocks(TYPES[fmt], blocks.ctypes.data, len(blocks), out.ctypes.data, _threads())
     return out
 
 

@@ -145,7 +145,8 @@ class QuantWeight:
         out = np.empty((n, k // BLOCK * TYPE_SIZE[fmt]), dtype=np.uint8)
         step = max(1, (1 << 20) // k)  # rows at a time: the temporaries stay a few MB, not the weight's size
         for i in range(0, n, step):
-            out[i : i + step] = quantize_blocks(w[i : i + step].reshape(-1, BLOCK), fmt).reshape(-1, out.shape[1])
+            rows = out[i : i + step]  # whole rows of a C-contiguous array: contiguous too
+            quantize_blocks(w[i : i + step].reshape(-1, BLOCK), fmt, rows.reshape(-1, TYPE_SIZE[fmt]))
             if done is not None:
                 done(w[i : i + step])
         return cls(out, fmt, k)
