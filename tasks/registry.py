@@ -27,9 +27,9 @@ def register_model(spec: str, run_id: str, model: str, draft_file: str, bench: d
     config = {"task": spec.name, "system_prompt": spec.system_prompt, "chat_template": spec.chat_template,
               "stop": list(spec.generation.stop), "max_new_tokens": spec.generation.max_new_tokens, "dtype": dtype}
     prompts = store.read_corpus(corpus["path"], split="test")["prompt"].head(2).tolist()
-    folder = resolve_model(model)
-    source = gguf_file(model) or gguf_file(folder)
-    uri = registry.log_pyfunc(run_id, folder, draft_file, config, prompts, gguf=str(source) if source else None)
+    source = gguf_file(model)  # a short name's file, a .gguf path, or the one a folder notes
+    uri = registry.log_pyfunc(run_id, resolve_model(model), draft_file, config, prompts,
+                              gguf=str(source) if source else None)
     tags = {"tasc.source_model": model, "tasc.method": method}
     if bench.get("mlflow_run_id"):  # the benchmark's own MLflow run (bench_flow) and its chart there
         tags["tasc.bench.run_id"] = bench["mlflow_run_id"]
